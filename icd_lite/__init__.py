@@ -1,0 +1,57 @@
+"""icd-lite: Invertible Consistency Distillation (Starodubcev et al., NeurIPS 2024), readable.
+
+One module per concept, each short enough to read in one sitting:
+
+* ``schedule``    - SD1.5's noise schedule, the 50-step DDIM grid, segment boundaries
+* ``solver``      - the DDIM jump, DDIM sampling and DDIM inversion
+* ``guidance``    - CFG, dynamic guidance schedules, the guidance embedding
+* ``consistency`` - multi-boundary consistency models, multistep encoding and decoding
+* ``losses``      - reverse / forward CD, the preservation losses, one iCD training step
+* ``toy2d``       - a 2D Gaussian-mixture world with the exact teacher (notebook 01)
+* ``figures``     - the helper that saves every figure with its numbers
+"""
+
+from ._versions import check_versions
+
+check_versions()
+
+from .consistency import consistency_fn, decode, encode, sample_consistency  # noqa: E402
+from .guidance import (  # noqa: E402
+    GuidanceSchedule,
+    cfg,
+    classical_to_code,
+    code_to_classical,
+    constant_guidance,
+    guidance_embedding,
+    guided_model,
+    interval_guidance,
+    ramp_guidance,
+    step_guidance,
+)
+from .losses import (  # noqa: E402
+    ICDConfig,
+    forward_cd_loss,
+    forward_preservation_loss,
+    icd_training_step,
+    pseudo_huber,
+    reverse_cd_loss,
+    reverse_preservation_loss,
+)
+from .schedule import (  # noqa: E402
+    SD15_SCHEDULE,
+    Boundaries,
+    NoiseSchedule,
+    ddim_timesteps,
+    default_boundaries,
+)
+from .solver import (  # noqa: E402
+    ddim_jump,
+    eps_to_x0,
+    inversion_timesteps,
+    invert_ddim,
+    sample_ddim,
+    sampling_timesteps,
+    x0_to_eps,
+)
+
+__version__ = "0.1.0"

@@ -1,0 +1,87 @@
+r"""Multi-boundary consistency models: the forward (encoder) and reverse (decoder) students.
+
+A consistency model maps any point x_t of a probability-flow ODE trajectory to the point of the
+*same* trajectory at a fixed time s. iCD (paper section 3.1, Fig. 3) splits the trajectory into m
+segments and lets each model map to the boundary of the segment x_t lies in:
+
+* reverse model CD_m (theta+, decoder): s = the segment's lower boundary (towards data);
+* forward model fCD_m (theta-, encoder): s = the segment's upper boundary (towards noise).
+
+Parameterization (paper eq. 3, no c_skip / c_out): the network predicts eps_hat and the model's
+output is one DDIM jump to the boundary::
+
+    f_theta(x_t, t, s) = alpha_s * (x_t - sigma_t eps_theta(x_t, t, s, c, w)) / alpha_t
+                         + sigma_s * eps_theta(x_t, t, s, c, w)
+
+A *student* here is any callable ``student(x, t, s, cond, w_code) -> eps_hat`` (t, s: long
+[B]; w_code: float [B], classical w - 1). m boundaries give m-step decoding and m-step encoding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .guidance import GuidanceSchedule, constant_guidance
+from .schedule import SD15_SCHEDULE, Boundaries, NoiseSchedule
+from .solver import ddim_jump
+
+Student = Callable[..., torch.Tensor]
+
+
+def as_batch(values, x: torch.Tensor, dtype=torch.long) -> torch.Tensor:
+    """An int/float or a [B] tensor as a [B] tensor on x's device."""
+    values = torch.as_tensor(values, device=x.device)
+    if values.ndim == 0:
+        values = values.expand(x.shape[0])
+    return values.to(dtype)
+
+
+def consistency_fn(student: Student, x_t: torch.Tensor, t, s, cond, w_code=0.0,
+                   schedule: NoiseSchedule = SD15_SCHEDULE) -> torch.Tensor:
+    """f_theta(x_t, t, s): the student's eps_hat followed by one DDIM jump from t to s."""
+    t, s = as_batch(t, x_t), as_batch(s, x_t)
+    eps_hat = student(x_t, t, s, cond, as_batch(w_code, x_t, torch.float32))
+    return ddim_jump(x_t, eps_hat, t, s, schedule)
+
+
+@torch.no_grad()
+def sample_consistency(student: Student, x: torch.Tensor, steps: Sequence[tuple[int, int]],
+                       cond, guidance: GuidanceSchedule | None = None,
+                       schedule: NoiseSchedule = SD15_SCHEDULE, callback=None,
+                       disable=None) -> torch.Tensor:
+    """Run a consistency model over (t, s) jumps; w_code(t) comes from ``guidance``.
+
+    One network evaluation per jump. ``callback`` receives ``{'x', 'i', 't', 's'}`` after each.
+    """
+    guidance = guidance or constant_guidance(0.0)
+    for i, (t, s) in enumerate(tqdm(list(steps), disable=disable, desc="consistency")):
+        x = consistency_fn(student, x, t, s, cond, guidance(t), schedule)
+        if callback is not None:
+            callback({"x": x, "i": i, "t": t, "s": s})
+    return x
+
+
+def decode(student: Student, x_T: torch.Tensor, boundaries: Boundaries, cond,
+           guidance: GuidanceSchedule | None = None, schedule: NoiseSchedule = SD15_SCHEDULE,
+           callback=None, disable=True) -> torch.Tensor:
+    """CD_m: noise x_999 -> data in m jumps (999 -> b_{m-1} -> ... -> 0), guided by w(t)."""
+    return sample_consistency(student, x_T, boundaries.decoding_steps(), cond, guidance,
+                              schedule, callback, disable)
+
+
+def encode(student: Student, x0: torch.Tensor, boundaries: Boundaries, cond,
+           schedule: NoiseSchedule = SD15_SCHEDULE, start: int = 19,
+           generator: torch.Generator | None = None, callback=None,
+           disable=True) -> torch.Tensor:
+    """fCD_m: data -> noise in m jumps, always unguided (spec section 5).
+
+    x0 is first noised to t = ``start`` (19) with seeded eps, since the students are trained on
+    the DDIM grid and never see t = 0; then (19 -> b_1 -> ... -> 999).
+    """
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    x = schedule.add_noise(x0, eps, start)
+    return sample_consistency(student, x, boundaries.encoding_steps(start), cond, None,
+                              schedule, callback, disable)

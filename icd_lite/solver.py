@@ -1,0 +1,121 @@
+r"""The deterministic DDIM solver (Song et al., 2021, eta = 0), in both directions.
+
+Everything is built on one move, the DDIM *jump* from time t to any time s::
+
+    x0_hat = (x_t - sigma_t * eps_hat) / alpha_t          # predicted clean point
+    x_s    = alpha_s * x0_hat + sigma_s * eps_hat           # re-noise it to level s
+
+s < t denoises (sampling), s > t inverts (encoding). With s = 0 (alpha_0 = 1, sigma_0 = 0) the
+jump returns x0_hat. The same jump is iCD's boundary parameterization f(x_t, t, s) (paper eq. 3):
+a consistency model is an epsilon network followed by one jump to its segment boundary.
+
+The loops follow k-diffusion's shape: ``sample_x(model, x, timesteps, extra_args=None,
+callback=None, disable=None)`` where ``model(x, t, **extra_args)`` returns epsilon, ``callback``
+receives ``{'x', 'i', 't', 's', 'denoised'}`` after each step, and ``disable`` switches off tqdm.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .schedule import SD15_SCHEDULE, NoiseSchedule, broadcast_to, ddim_timesteps
+
+EpsModel = Callable[..., torch.Tensor]
+
+
+def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, t, schedule: NoiseSchedule = SD15_SCHEDULE):
+    """x0_hat = (x_t - sigma_t eps) / alpha_t."""
+    alpha, sigma = (broadcast_to(v, x_t) for v in (schedule.alpha(t), schedule.sigma(t)))
+    return (x_t - sigma * eps) / alpha
+
+
+def x0_to_eps(x_t: torch.Tensor, x0: torch.Tensor, t, schedule: NoiseSchedule = SD15_SCHEDULE):
+    """eps = (x_t - alpha_t x0) / sigma_t (undefined at the clean end t = 0)."""
+    if torch.as_tensor(t).eq(0).any():
+        raise ValueError("eps is undefined at t = 0, where x_t = x_0")
+    alpha, sigma = (broadcast_to(v, x_t) for v in (schedule.alpha(t), schedule.sigma(t)))
+    return (x_t - alpha * x0) / sigma
+
+
+def ddim_jump(x_t: torch.Tensor, eps: torch.Tensor, t, s,
+              schedule: NoiseSchedule = SD15_SCHEDULE) -> torch.Tensor:
+    """One DDIM move from time t to time s along the predicted noise eps (either direction).
+
+    x_s = alpha_s * (x_t - sigma_t eps) / alpha_t + sigma_s eps. t and s are ints or one
+    timestep per sample; s = t returns x_t unchanged.
+    """
+    x0_hat = eps_to_x0(x_t, eps, t, schedule)
+    alpha_s, sigma_s = (broadcast_to(v, x_t) for v in (schedule.alpha(s), schedule.sigma(s)))
+    return alpha_s * x0_hat + sigma_s * eps
+
+
+def _timestep_batch(t: int, x: torch.Tensor) -> torch.Tensor:
+    return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
+
+
+def _check_direction(timesteps: Sequence[int], descending: bool, name: str):
+    steps = list(timesteps)
+    if len(steps) < 2:
+        raise ValueError(f"{name} needs at least two timesteps (start and end), got {steps}")
+    pairs = zip(steps[:-1], steps[1:])
+    if any((b >= a) if descending else (b <= a) for a, b in pairs):
+        order = "strictly decreasing, e.g. [999, 979, ..., 19, 0]" if descending \
+            else "strictly increasing, e.g. [0, 19, 39, ..., 999]"
+        raise ValueError(f"{name}: timesteps must be {order}, got {steps[:4]}...")
+    return steps
+
+
+@torch.no_grad()
+def sample_ddim(model: EpsModel, x: torch.Tensor, timesteps: Sequence[int],
+                schedule: NoiseSchedule = SD15_SCHEDULE, extra_args=None, callback=None,
+                disable=None) -> torch.Tensor:
+    """Implements deterministic DDIM sampling (Song et al. 2021, eq. 12 with eta = 0).
+
+    ``timesteps`` is decreasing and ends at the target time, e.g. ``[999, 979, ..., 19, 0]``
+    for 50 steps; the model is evaluated at every timestep but the last.
+    """
+    steps = _check_direction(timesteps, descending=True, name="sample_ddim")
+    extra_args = extra_args or {}
+    for i, (t, s) in enumerate(tqdm(list(zip(steps[:-1], steps[1:])), disable=disable,
+                                    desc="DDIM")):
+        eps = model(x, _timestep_batch(t, x), **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "t": t, "s": s, "denoised": eps_to_x0(x, eps, t, schedule)})
+        x = ddim_jump(x, eps, t, s, schedule)
+    return x
+
+
+@torch.no_grad()
+def invert_ddim(model: EpsModel, x: torch.Tensor, timesteps: Sequence[int],
+                schedule: NoiseSchedule = SD15_SCHEDULE, extra_args=None, callback=None,
+                disable=None) -> torch.Tensor:
+    """Implements DDIM inversion: the DDIM ODE step run from data to noise.
+
+    ``timesteps`` is increasing and starts at the data's time, e.g. ``[0, 19, 39, ..., 999]``.
+    As in diffusers' ``DDIMInverseScheduler`` and null-text inversion, the step t -> s uses
+    eps evaluated at the *target* time s on the current point (the usual approximation
+    x_t ~ x_s), so the model is queried at the same times as in sampling and never at t = 0.
+    """
+    steps = _check_direction(timesteps, descending=False, name="invert_ddim")
+    extra_args = extra_args or {}
+    for i, (t, s) in enumerate(tqdm(list(zip(steps[:-1], steps[1:])), disable=disable,
+                                    desc="DDIM inversion")):
+        eps = model(x, _timestep_batch(s, x), **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "t": t, "s": s, "denoised": eps_to_x0(x, eps, t, schedule)})
+        x = ddim_jump(x, eps, t, s, schedule)
+    return x
+
+
+def sampling_timesteps(num_steps: int, schedule: NoiseSchedule = SD15_SCHEDULE) -> list[int]:
+    """Decreasing trailing grid ending at the clean end: [999, 979, ..., 19, 0] for 50 steps."""
+    steps = list(reversed(ddim_timesteps(num_steps, schedule.num_train_timesteps)))
+    return steps if steps[-1] == 0 else steps + [0]  # grids of > T/2 steps already reach 0
+
+
+def inversion_timesteps(num_steps: int, schedule: NoiseSchedule = SD15_SCHEDULE) -> list[int]:
+    """Increasing grid from the clean end: [0, 19, 39, ..., 999] for 50 steps."""
+    return list(reversed(sampling_timesteps(num_steps, schedule)))
