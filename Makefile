@@ -1,0 +1,50 @@
+# icd-lite: two commands do everything.
+#   make figures   run every notebook with papermill (toy preset), figures -> figures/, executed copies -> build/
+#   make test      the test suite, including every notebook run with pytest --nbval-lax
+# Both create the virtual environment .venv/ first when it is missing.
+
+PYTHON     ?= python3
+VENV       ?= .venv
+# A CPU build of torch by default; on a GPU machine use e.g. TORCH_SPEC="torch" (CUDA build).
+TORCH_SPEC ?= torch==2.13.0
+# Optional papermill parameters file for bigger runs: make figures PARAMS=params/full.yaml
+PARAMS     ?=
+
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.icd-lite-installed
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: venv figures test lock clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -r requirements/lock.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip check
+	touch $@
+
+figures: $(STAMP)
+	@mkdir -p build figures
+	@for nb in $(NOTEBOOKS); do \
+	  echo "== $$nb"; start=$$(date +%s); \
+	  $(PY) -m papermill --kernel python3 --cwd notebooks --log-level WARNING \
+	    $(if $(PARAMS),-f $(PARAMS)) $$nb build/$$(basename $$nb) || exit 1; \
+	  echo "   $$(( $$(date +%s) - start )) s"; \
+	done
+
+test: $(STAMP)
+	ICD_LITE_FIGURES=build/test-figures $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+
+# Re-pin requirements/lock.txt from the current environment (after changing pyproject.toml).
+lock: $(STAMP)
+	$(PY) -m pip install --quiet --upgrade -e .
+	( head -2 requirements/lock.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^torch==' ) > requirements/lock.new
+	mv requirements/lock.new requirements/lock.txt
+
+clean:
+	rm -rf build $(VENV)
