@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 CHECKED = ("torch", "diffusers", "transformers")
 
@@ -27,8 +28,10 @@ def declared_requirements() -> list[Requirement]:
 
 def check_versions(requirements: list[Requirement] | None = None) -> None:
     """Raise ImportError naming the package, the version found and the version needed."""
-    for requirement in requirements or declared_requirements():
-        if requirement.name not in CHECKED:
+    if requirements is None:
+        requirements = declared_requirements()
+    for requirement in requirements:
+        if canonicalize_name(requirement.name) not in CHECKED:
             continue
         try:
             found = metadata.version(requirement.name)

@@ -74,7 +74,10 @@ def reverse_cd_loss(student, teacher, x0, eps, cond, null_cond, boundaries: Boun
     with torch.no_grad():
         eps_teacher = cfg(teacher(x_t, t, cond), teacher(x_t, t, null_cond), w_code)
         x_prev = ddim_jump(x_t, eps_teacher, t, t_prev, schedule)
-        target = consistency_fn(student, x_prev, t_prev, s, cond, w_code, schedule)
+        # Where t' == s the target is x_t' itself (masked below): never query the student
+        # there, which would be at t' = 0 on the first grid step.
+        t_query = torch.where(t_prev == s, t, t_prev)
+        target = consistency_fn(student, x_prev, t_query, s, cond, w_code, schedule)
         target = _keep_boundary(target, x_prev, t_prev, s)
     return pseudo_huber(prediction, target, huber_c)
 

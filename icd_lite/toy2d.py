@@ -63,7 +63,8 @@ class GaussianMixture2D:
             component = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         else:
             labels = self._check_labels(labels).expand(n)
-            allowed = self.weights[None, :] * (self.classes[None, :] == labels[:, None])
+            in_class = (self.classes[None, :] == labels[:, None]) | (labels[:, None] == NULL_LABEL)
+            allowed = self.weights[None, :] * in_class
             component = torch.multinomial(allowed, 1, generator=generator)[:, 0]
         noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
         x0 = self.means[component] + self.stds[component, None] * noise
