@@ -38,7 +38,7 @@ figures: $(STAMP)
 	done
 
 test: $(STAMP)
-	ICD_LITE_FIGURES=build/test-figures $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+	ICD_LITE_FIGURES=$(CURDIR)/build/test-figures $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
 
 # Re-pin requirements/lock.txt from the current environment (after changing pyproject.toml).
 lock: $(STAMP)
