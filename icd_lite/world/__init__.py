@@ -1,0 +1,1 @@
+"""The procedural world the tiny text-to-image model is trained on (see ``scenes``)."""

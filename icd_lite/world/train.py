@@ -1,0 +1,206 @@
+"""Train the toy world from scratch on a CPU: CLIP, then the VAE, then the teacher UNet.
+
+    python -m icd_lite.world.train            # everything (what `make train` runs)
+    python -m icd_lite.world.train --stage vae
+
+Each stage shows a tqdm bar, writes a resumable checkpoint (weights + AdamW state, safetensors)
+to ``build/train/`` every ``--save-every`` steps, and at the end copies its final weights into
+``icd_lite/world/weights/`` and records them in the manifest (sha256, command, commit).
+
+1. CLIP: a ViT image tower and the text tower, trained contrastively (InfoNCE) on
+   (image, caption) pairs, as CLIP was. Its text tower becomes the frozen text encoder.
+2. VAE: AutoencoderKL, L1 reconstruction + 1e-6 KL, as SD's first stage (without the GAN and
+   LPIPS terms). The latent scaling factor is then measured as 1 / std of the latents, as SD's
+   0.18215 was.
+3. Teacher: UNet2DConditionModel predicting eps on scaled VAE latents with SD1.5's schedule,
+   captions dropped 10% of the time so that classifier-free guidance works; EMA of the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..schedule import SD15_SCHEDULE
+from . import checkpoints
+from .models import build_clip, build_unet, build_vae, text_encoder_from_clip
+from .scenes import make_dataset
+from .text import build_tokenizer
+
+CHECKPOINT_DIR = Path("build/train")
+TRAIN_SEED, NUM_TRAIN = 0, 20000
+
+
+def tokenize(tokenizer, captions: list[str]) -> dict:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt")
+
+
+def cosine_lr(optimizer, steps: int, warmup: int = 100):
+    """Linear warm-up, then cosine decay to 0."""
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def run_stage(name: str, model, loss_fn, steps: int, lr: float, save_every: int,
+              extra_models: dict | None = None) -> None:
+    """The loop shared by the three stages: AdamW, cosine schedule, resumable checkpoints.
+
+    ``loss_fn(step)`` returns the loss of one batch; ``extra_models`` (e.g. an EMA copy) are
+    saved beside the model and updated by the caller.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = cosine_lr(optimizer, steps)
+    path = CHECKPOINT_DIR / f"{name}.safetensors"
+    start = 0
+    if path.exists():
+        start = checkpoints.load_state(path, model, optimizer, kind=name)
+        for extra, module in (extra_models or {}).items():
+            checkpoints.load_state(CHECKPOINT_DIR / f"{extra}.safetensors", module, kind=extra)
+        for _ in range(start):
+            scheduler.step()
+        print(f"{name}: resuming at step {start} from {path}")
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name)
+    for step in bar:
+        loss = loss_fn(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % save_every == 0 or step + 1 == steps:
+            checkpoints.save_state(path, model, optimizer, step + 1, kind=name)
+            for extra, module in (extra_models or {}).items():
+                checkpoints.save_state(CHECKPOINT_DIR / f"{extra}.safetensors", module,
+                                       step=step + 1, kind=extra)
+
+
+def ship(name: str, model, command: str, **extra) -> None:
+    """Copy final weights into the package and record them in the manifest."""
+    checkpoints.save_state(checkpoints.WEIGHTS_DIR / f"{name}.safetensors", model, kind=name)
+    checkpoints.record(f"{name}.safetensors", command, **extra)
+
+
+def train_clip(images, captions, tokenizer, steps: int, batch: int, save_every: int, command):
+    torch.manual_seed(1)
+    clip = build_clip(tokenizer)
+    tokens = tokenize(tokenizer, captions)
+    generator = torch.Generator().manual_seed(1)
+
+    def loss_fn(step):
+        index = torch.randint(len(images), (batch,), generator=generator)
+        return clip(input_ids=tokens.input_ids[index], attention_mask=tokens.attention_mask[index],
+                    pixel_values=images[index], return_loss=True).loss
+
+    run_stage("clip", clip, loss_fn, steps, 1e-3, save_every)
+    ship("clip", clip.eval(), command)
+    return clip
+
+
+def train_vae(images, steps: int, batch: int, save_every: int, command):
+    torch.manual_seed(2)
+    vae = build_vae()
+    generator = torch.Generator().manual_seed(2)
+
+    def loss_fn(step):
+        x = images[torch.randint(len(images), (batch,), generator=generator)]
+        posterior = vae.encode(x).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        return (reconstruction - x).abs().mean() + 1e-6 * posterior.kl().mean()
+
+    run_stage("vae", vae, loss_fn, steps, 1e-3, save_every)
+    vae.eval()
+    with torch.no_grad():
+        sample = images[:5000]  # enough to measure a standard deviation
+        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in sample.split(500)])
+    scaling_factor = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    ship("vae", vae, command, scaling_factor=scaling_factor)
+    return vae
+
+
+def train_teacher(latents, caption_index, text_embeddings, steps: int, batch: int,
+                  save_every: int, command, caption_dropout: float = 0.1):
+    """latents: [N, 4, 8, 8] scaled; caption_index: [N] rows of text_embeddings (row 0 = "")."""
+    torch.manual_seed(3)
+    unet = build_unet(cross_attention_dim=text_embeddings.shape[-1])
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    generator = torch.Generator().manual_seed(3)
+
+    def loss_fn(step):
+        if step > 0:  # EMA of the weights after the previous optimizer step
+            decay = min(0.999, (1 + step) / (10 + step))
+            torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
+        index = torch.randint(len(latents), (batch,), generator=generator)
+        x0 = latents[index]
+        rows = caption_index[index]
+        rows = torch.where(torch.rand(batch, generator=generator) < caption_dropout, 0, rows)
+        t = torch.randint(1, 1000, (batch,), generator=generator)
+        eps = torch.randn(x0.shape, generator=generator)
+        x_t = SD15_SCHEDULE.add_noise(x0, eps, t)
+        prediction = unet(x_t, t, text_embeddings[rows]).sample
+        return torch.mean((prediction - eps) ** 2)
+
+    run_stage("teacher", unet, loss_fn, steps, 5e-4, save_every, extra_models={"teacher_ema": ema})
+    ship("unet", ema.eval(), command)
+    return ema
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--stage", choices=["all", "clip", "vae", "teacher"], default="all")
+    parser.add_argument("--clip-steps", type=int, default=1000)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--teacher-steps", type=int, default=4000)
+    parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    command = "python -m icd_lite.world.train " + " ".join(argv if argv is not None
+                                                             else sys.argv[1:])
+    start = time.time()
+    images, captions, _ = make_dataset(NUM_TRAIN, TRAIN_SEED)
+    tokenizer = build_tokenizer()
+    print(f"dataset: {len(images)} scenes in {time.time() - start:.0f} s")
+    stages = ["clip", "vae", "teacher"] if args.stage == "all" else [args.stage]
+    times = {}
+    from . import loading  # the shipped weights of earlier stages, verified against the manifest
+
+    for stage in stages:
+        begin = time.time()
+        if stage == "clip":
+            train_clip(images, captions, tokenizer, args.clip_steps, 128, args.save_every,
+                       command)
+        elif stage == "vae":
+            train_vae(images, args.vae_steps, 32, args.save_every, command)
+        else:
+            clip = loading.load_clip(tokenizer)
+            vae = loading.load_vae()
+            text_encoder = text_encoder_from_clip(clip)
+            unique = [""] + sorted(set(captions))
+            with torch.no_grad():
+                embeddings = text_encoder(**tokenize(tokenizer, unique)).last_hidden_state
+                latents = torch.cat([vae.encode(c).latent_dist.mean for c in images.split(500)])
+            latents = latents * vae.config.scaling_factor
+            row = {caption: i for i, caption in enumerate(unique)}
+            caption_index = torch.tensor([row[c] for c in captions])
+            train_teacher(latents, caption_index, embeddings, args.teacher_steps, 64,
+                          args.save_every, command)
+        times[stage] = time.time() - begin
+        print(f"{stage}: {times[stage] / 60:.1f} min")
+    print(f"total: {(time.time() - start) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
