@@ -87,7 +87,8 @@ def run_stage(name: str, model, loss_fn, steps: int, lr: float, save_every: int,
 
 
 def ship(name: str, model, command: str, **extra) -> None:
-    """Copy final weights into the package and record them in the manifest."""
+    """Copy final weights into the package and record them in the manifest (with the stage's
+    training time in minutes, on the machine that ran it)."""
     checkpoints.save_state(checkpoints.WEIGHTS_DIR / f"{name}.safetensors", model, kind=name)
     checkpoints.record(f"{name}.safetensors", command, **extra)
 
@@ -103,8 +104,9 @@ def train_clip(images, captions, tokenizer, steps: int, batch: int, save_every: 
         return clip(input_ids=tokens.input_ids[index], attention_mask=tokens.attention_mask[index],
                     pixel_values=images[index], return_loss=True).loss
 
+    begin = time.time()
     run_stage("clip", clip, loss_fn, steps, 1e-3, save_every)
-    ship("clip", clip.eval(), command)
+    ship("clip", clip.eval(), command, train_minutes=round((time.time() - begin) / 60, 1))
     return clip
 
 
@@ -119,14 +121,16 @@ def train_vae(images, steps: int, batch: int, save_every: int, command):
         reconstruction = vae.decode(posterior.sample(generator)).sample
         return (reconstruction - x).abs().mean() + 1e-6 * posterior.kl().mean()
 
+    begin = time.time()
     run_stage("vae", vae, loss_fn, steps, 1e-3, save_every)
+    minutes = round((time.time() - begin) / 60, 1)
     vae.eval()
     with torch.no_grad():
         sample = images[:5000]  # enough to measure a standard deviation
         latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in sample.split(500)])
     scaling_factor = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling_factor)
-    ship("vae", vae, command, scaling_factor=scaling_factor)
+    ship("vae", vae, command, scaling_factor=scaling_factor, train_minutes=minutes)
     return vae
 
 
@@ -152,8 +156,9 @@ def train_teacher(latents, caption_index, text_embeddings, steps: int, batch: in
         prediction = unet(x_t, t, text_embeddings[rows]).sample
         return torch.mean((prediction - eps) ** 2)
 
+    begin = time.time()
     run_stage("teacher", unet, loss_fn, steps, 5e-4, save_every, extra_models={"teacher_ema": ema})
-    ship("unet", ema.eval(), command)
+    ship("unet", ema.eval(), command, train_minutes=round((time.time() - begin) / 60, 1))
     return ema
 
 
