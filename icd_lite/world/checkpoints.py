@@ -79,7 +79,9 @@ def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).resolve().parent, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "icd_lite"],
+        # the package's code, from the repository root, less the weights being written now
+        paths = [":/icd_lite", ":(top,exclude)icd_lite/world/weights"]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths],
                                capture_output=True, text=True, check=True,
                                cwd=Path(__file__).resolve().parent).stdout.strip()
         return out.stdout.strip() + ("+uncommitted-changes" if dirty else "")
@@ -87,14 +89,16 @@ def git_commit() -> str:
         return "unknown"
 
 
-def read_manifest(manifest: Path = MANIFEST) -> dict:
+def read_manifest(manifest: Path | None = None) -> dict:
+    manifest = MANIFEST if manifest is None else manifest
     if not manifest.exists():
         raise CheckpointError(f"no manifest at {manifest}; {REBUILD}")
     return json.loads(manifest.read_text())
 
 
-def record(name: str, command: str, manifest: Path = MANIFEST, **extra) -> None:
+def record(name: str, command: str, manifest: Path | None = None, **extra) -> None:
     """Add (or refresh) the entry of ``WEIGHTS_DIR / name`` in the manifest."""
+    manifest = MANIFEST if manifest is None else manifest
     entries = read_manifest(manifest) if manifest.exists() else {}
     path = manifest.parent / name
     entries[name] = {"sha256": sha256(path), "bytes": path.stat().st_size, "command": command,
@@ -102,8 +106,9 @@ def record(name: str, command: str, manifest: Path = MANIFEST, **extra) -> None:
     manifest.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
 
 
-def verified_path(name: str, manifest: Path = MANIFEST) -> Path:
+def verified_path(name: str, manifest: Path | None = None) -> Path:
     """The path of a shipped weights file, after checking it exists and matches its sha256."""
+    manifest = MANIFEST if manifest is None else manifest
     entries = read_manifest(manifest)
     if name not in entries:
         raise CheckpointError(f"{name} is not in the manifest {manifest}; {REBUILD}")

@@ -49,7 +49,7 @@ def build_vae() -> AutoencoderKL:
     return AutoencoderKL(in_channels=3, out_channels=3,
                          down_block_types=("DownEncoderBlock2D",) * 3,
                          up_block_types=("UpDecoderBlock2D",) * 3,
-                         block_out_channels=(32, 64, 64), layers_per_block=1,
+                         block_out_channels=(16, 32, 32), layers_per_block=1,
                          latent_channels=LATENT_CHANNELS, norm_num_groups=16,
                          sample_size=IMAGE_SIZE)
 
