@@ -1,0 +1,131 @@
+"""One loading function for both scales: the toy world (default, CPU, offline) and SD1.5.
+
+``load_components("toy")`` and ``load_components("sd15")`` return the same ``Components``: the
+diffusers / transformers objects Stable Diffusion is made of (UNet, VAE, text encoder, tokenizer,
+scheduler), plus helpers that speak the library's conventions (prompts -> embeddings, images
+<-> scaled latents, and the UNet as an eps model ``eps(x, t, cond)`` for ``icd_lite.solver``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+from .schedule import NUM_TRAIN_TIMESTEPS
+
+SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def ddim_scheduler() -> DDIMScheduler:
+    """diffusers' DDIM with the conventions of icd_lite: SD1.5 betas, trailing spacing, and
+    alpha = 1 at the clean end."""
+    return DDIMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, beta_start=0.00085,
+                         beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=True, timestep_spacing="trailing", steps_offset=1)
+
+
+@dataclass
+class Components:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: DDIMScheduler
+    preset: str
+    clip: torch.nn.Module | None = None  # the toy world's CLIP, used by the metrics
+
+    @property
+    def image_size(self) -> int:
+        return self.vae.config.sample_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings [B, L, D] (the UNet's cross-attention input); "" is the null prompt."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if self.preset == "toy":
+            from .world.text import check_prompt
+
+            prompts = [check_prompt(p, self.tokenizer) for p in prompts]
+        tokens = self.tokenizer(prompts, padding="max_length", truncation=True,
+                                max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+
+    def check_images(self, images: torch.Tensor) -> None:
+        size = self.image_size
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be a float tensor [B, 3, {size}, {size}] in [-1, 1]; "
+                             f"got {getattr(images, 'shape', type(images))}. Convert RGBA or "
+                             f"grayscale pictures to RGB first")
+        if images.shape[-2:] != (size, size):
+            raise ValueError(f"the {self.preset} VAE expects {size}x{size} images, got "
+                             f"{tuple(images.shape[-2:])}; resize them first")
+        if images.min() < -1.001 or images.max() > 1.001:
+            raise ValueError("images must lie in [-1, 1] (map uint8 pixels with x / 127.5 - 1)")
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """z0 = VAE posterior mean * scaling_factor (SD's 0.18215; measured for the toy VAE)."""
+        self.check_images(images)
+        latents = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist.mean
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from scaled latents."""
+        images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return images.clamp(-1, 1)
+
+    def eps_model(self):
+        """The UNet as ``eps(x, t, cond)`` for ``sample_ddim`` / ``invert_ddim`` / the losses."""
+        def eps(x, t, cond):
+            return self.unet(x, t, encoder_hidden_states=cond).sample
+        return eps
+
+
+def load_components(preset: str = "toy", device: str = "cpu",
+                    model_id: str = SD15_MODEL_ID, dtype: torch.dtype | None = None) -> Components:
+    """The model of ``preset``: "toy" (shipped weights, checked against their sha256) or "sd15"
+    (Stable Diffusion 1.5 from the Hugging Face hub or a local copy: ``model_id`` may be a
+    path)."""
+    if preset == "toy":
+        from .world.loading import load_clip, load_unet, load_vae
+        from .world.models import text_encoder_from_clip
+        from .world.text import build_tokenizer
+
+        tokenizer = build_tokenizer()
+        clip = load_clip(tokenizer)
+        components = Components(load_unet(), load_vae(), text_encoder_from_clip(clip),
+                                tokenizer, ddim_scheduler(), "toy", clip)
+    elif preset == "sd15":
+        components = _load_sd15(model_id, dtype)
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose 'toy' or 'sd15'")
+    for module in (components.unet, components.vae, components.text_encoder, components.clip):
+        if module is not None:
+            module.to(device).eval().requires_grad_(False)
+    return components
+
+
+def _load_sd15(model_id: str, dtype) -> Components:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        raise ValueError("float16 on a CPU is not supported by these models; use float32")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dtype)
+        text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder",
+                                                     torch_dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
+    except OSError as error:
+        raise OSError(f"could not load Stable Diffusion 1.5 from {model_id!r}: it needs access to "
+                      f"the Hugging Face hub (unset HF_HUB_OFFLINE) or a local copy of the "
+                      f"model (pass its folder as model_id). Original error: {error}") from None
+    return Components(unet, vae, text_encoder, tokenizer, ddim_scheduler(), "sd15")

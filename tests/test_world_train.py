@@ -1,0 +1,122 @@
+"""The training loop of the toy world: resumable stages, and shipping weights with a manifest."""
+
+import copy
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from icd_lite.world import checkpoints, train
+
+
+# run_stage fast-forwards the LR schedule on resume, before any optimizer step: PyTorch warns.
+pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler\\.step\\(\\)`")
+
+
+class Crash(Exception):
+    pass
+
+
+def tiny_stage(checkpoint_dir, steps, monkeypatch, save_every=2, crash_at=None, lr=0.5):
+    """run_stage on a Linear model with a teacher-style EMA; batches are seeded by the step."""
+    monkeypatch.setattr(train, "CHECKPOINT_DIR", checkpoint_dir)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    target = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
+
+    def loss_fn(step):
+        if step == crash_at:
+            raise Crash(step)
+        if step > 0:
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 0.5)
+        generator = torch.Generator().manual_seed(step)
+        x = torch.randn(8, 3, generator=generator)
+        return (model(x) - x @ target.T).pow(2).mean()
+
+    train.run_stage("toy", model, loss_fn, steps, lr=lr, save_every=save_every,
+                    extra_models={"toy_ema": ema})
+    return model, ema
+
+
+def test_cosine_lr_warms_up_then_decays():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    scheduler = train.cosine_lr(optimizer, steps=300, warmup=100)
+    rates = []
+    for _ in range(300):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.01) and rates[99] == pytest.approx(1.0)
+    assert rates[100] == pytest.approx(1.0) and rates[200] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(rates[100:], rates[101:])) and rates[-1] < 1e-3
+
+
+def test_run_stage_resumes_exactly(tmp_path, monkeypatch, capsys):
+    reference, reference_ema = tiny_stage(tmp_path / "uninterrupted", 6, monkeypatch)
+    assert "resuming" not in capsys.readouterr().out
+
+    first, _ = tiny_stage(tmp_path / "interrupted", 4, monkeypatch)
+    path = tmp_path / "interrupted" / "toy.safetensors"
+    with safe_open(str(path), "pt") as file:
+        assert file.metadata()["step"] == "4" and file.metadata()["kind"] == "toy"
+    with safe_open(str(tmp_path / "interrupted" / "toy_ema.safetensors"), "pt") as file:
+        assert file.metadata()["step"] == "4" and file.metadata()["kind"] == "toy_ema"
+    assert not torch.equal(first.weight, reference.weight)
+    capsys.readouterr()
+
+    resumed, resumed_ema = tiny_stage(tmp_path / "interrupted", 6, monkeypatch)
+    assert "toy: resuming at step 4" in capsys.readouterr().out
+    for a, b in [(resumed, reference), (resumed_ema, reference_ema)]:
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+    with safe_open(str(path), "pt") as file:
+        assert file.metadata()["step"] == "6"
+
+
+def test_run_stage_resumes_a_crashed_run_past_the_warmup(tmp_path, monkeypatch, capsys):
+    """A 130-step run (100 warm-up steps, then cosine decay) that crashes at step 117 and is
+    started again: it resumes from the checkpoint of step 100 and ends where an uninterrupted
+    run ends, so the LR schedule was fast-forwarded correctly."""
+    reference, reference_ema = tiny_stage(tmp_path / "a", 130, monkeypatch, save_every=50,
+                                          lr=0.05)
+    with pytest.raises(Crash):
+        tiny_stage(tmp_path / "b", 130, monkeypatch, save_every=50, crash_at=117, lr=0.05)
+    capsys.readouterr()
+    resumed, resumed_ema = tiny_stage(tmp_path / "b", 130, monkeypatch, save_every=50, lr=0.05)
+    assert "resuming at step 100" in capsys.readouterr().out
+    for a, b in [(resumed, reference), (resumed_ema, reference_ema)]:
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def test_run_stage_saves_every_and_at_the_end(tmp_path, monkeypatch):
+    saved = []
+    real_save = checkpoints.save_state
+    monkeypatch.setattr(checkpoints, "save_state",
+                        lambda path, model, optimizer=None, step=0, kind="":
+                        saved.append((kind, step)) or real_save(path, model, optimizer, step, kind))
+    tiny_stage(tmp_path, 5, monkeypatch, save_every=2)
+    assert saved == [("toy", 2), ("toy_ema", 2), ("toy", 4), ("toy_ema", 4), ("toy", 5),
+                     ("toy_ema", 5)]
+
+
+def test_ship_writes_weights_and_manifest(tmp_path, monkeypatch):
+    weights = tmp_path / "weights"
+    manifest = weights / "manifest.json"
+    monkeypatch.setattr(checkpoints, "WEIGHTS_DIR", weights)
+    monkeypatch.setattr(checkpoints, "MANIFEST", manifest)
+    # record()'s default `manifest=MANIFEST` was bound when checkpoints.py was imported, so
+    # patching the module attribute does not reach it; patch the default as well.
+    monkeypatch.setattr(checkpoints.record, "__defaults__", (manifest,))
+    model = torch.nn.Linear(3, 2)
+    train.ship("vae", model, "python -m icd_lite.world.train --stage vae", scaling_factor=0.25,
+               train_minutes=1.0)
+    path = weights / "vae.safetensors"
+    entry = checkpoints.read_manifest(manifest)["vae.safetensors"]
+    assert entry["sha256"] == checkpoints.sha256(path)
+    assert entry["command"] == "python -m icd_lite.world.train --stage vae"
+    assert entry["scaling_factor"] == 0.25 and entry["train_minutes"] == 1.0
+    assert checkpoints.verified_path("vae.safetensors", manifest=manifest) == path
+    loaded = torch.nn.Linear(3, 2)
+    assert checkpoints.load_state(path, loaded, kind="vae") == 0
+    assert torch.equal(loaded.weight, model.weight)
