@@ -99,8 +99,7 @@ def test_stock_stable_diffusion_pipeline_runs_the_toy_world(toy):
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
     assert images.min() >= 0 and images.max() <= 1  # "pt" output is on the [0, 1] scale
     assert torch.equal(generate(), images)  # seeded
-    # the pipeline rewrote the scheduler's steps_offset 0 -> 1 (a FutureWarning); with trailing
-    # spacing it has no effect: 2 steps are still 999, 499
+    # trailing spacing: 2 steps are 999 and 499
     assert pipe.scheduler.timesteps.tolist() == [999, 499]
 
 

@@ -104,10 +104,7 @@ def test_ship_writes_weights_and_manifest(tmp_path, monkeypatch):
     weights = tmp_path / "weights"
     manifest = weights / "manifest.json"
     monkeypatch.setattr(checkpoints, "WEIGHTS_DIR", weights)
-    monkeypatch.setattr(checkpoints, "MANIFEST", manifest)
-    # record()'s default `manifest=MANIFEST` was bound when checkpoints.py was imported, so
-    # patching the module attribute does not reach it; patch the default as well.
-    monkeypatch.setattr(checkpoints.record, "__defaults__", (manifest,))
+    monkeypatch.setattr(checkpoints, "MANIFEST", manifest)  # read at call time by record()
     model = torch.nn.Linear(3, 2)
     train.ship("vae", model, "python -m icd_lite.world.train --stage vae", scaling_factor=0.25,
                train_minutes=1.0)
