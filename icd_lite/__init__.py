@@ -8,6 +8,10 @@ One module per concept, each short enough to read in one sitting:
 * ``consistency`` - multi-boundary consistency models, multistep encoding and decoding
 * ``losses``      - reverse / forward CD, the preservation losses, one iCD training step
 * ``toy2d``       - a 2D Gaussian-mixture world with the exact teacher (notebook 01)
+* ``world``       - the toy text-to-image world: scenes, tokenizer, CLIP, VAE, teacher UNet
+* ``components``  - ``load_components("toy" | "sd15")``: UNet, VAE, text encoder, tokenizer, scheduler
+* ``metrics``     - PSNR, LPIPS-like, DinoV2-like, CLIP-T, Frechet distance, attribute accuracy
+* ``bench``       - ``python -m icd_lite.bench world``
 * ``figures``     - the helper that saves every figure with its numbers
 """
 

@@ -81,7 +81,6 @@ def test_load_toy_components_loads_the_recorded_weights(toy):
     torch.testing.assert_close(components.encode_prompt([PROMPT]), expected, rtol=0, atol=0)
 
 
-@pytest.mark.filterwarnings("ignore:The configuration file of this scheduler:FutureWarning")
 def test_stock_stable_diffusion_pipeline_runs_the_toy_world(toy):
     components, _ = toy
     pipe = StableDiffusionPipeline(vae=components.vae, text_encoder=components.text_encoder,
