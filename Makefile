@@ -50,5 +50,10 @@ clean:
 	rm -rf build $(VENV)
 
 # Retrain every toy-world weight from scratch (~40 min on 2 CPU cores); resumes if interrupted.
+# CLIP and the VAE are independent: they train side by side, one core each; then the teacher.
 train: $(STAMP)
-	$(PY) -m icd_lite.world.train
+	@mkdir -p build
+	$(PY) -m icd_lite.world.train --stage clip --threads 1 > build/train_clip.log 2>&1 & clip=$$!; \
+	$(PY) -m icd_lite.world.train --stage vae --threads 1 || exit 1; \
+	wait $$clip || { echo "CLIP training failed: see build/train_clip.log"; exit 1; }
+	$(PY) -m icd_lite.world.train --stage teacher --threads 2

@@ -169,7 +169,7 @@ def train_teacher(latents, caption_index, text_embeddings, steps: int, batch: in
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stage", choices=["all", "clip", "vae", "teacher"], default="all")
-    parser.add_argument("--clip-steps", type=int, default=1000)
+    parser.add_argument("--clip-steps", type=int, default=4000)
     parser.add_argument("--vae-steps", type=int, default=8000)
     parser.add_argument("--teacher-steps", type=int, default=4000)
     parser.add_argument("--save-every", type=int, default=250)
