@@ -26,10 +26,11 @@ class CheckpointError(RuntimeError):
 
 
 def save_state(path: Path, model: torch.nn.Module, optimizer=None, step: int = 0,
-               kind: str = "") -> None:
-    """Write the model's weights (and the optimizer's moments, if given) to a safetensors file."""
+               kind: str = "", seconds: float = 0.0) -> None:
+    """Write the model's weights (and the optimizer's moments, if given) to a safetensors file;
+    ``seconds`` is the training time so far, carried across resumed runs."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {"kind": kind, "step": str(step)}
+    metadata = {"kind": kind, "step": str(step), "seconds": f"{seconds:.1f}"}
     if optimizer is not None:
         state = optimizer.state_dict()
         for index, moments in state["state"].items():
@@ -38,6 +39,14 @@ def save_state(path: Path, model: torch.nn.Module, optimizer=None, step: int = 0
         metadata["param_groups"] = json.dumps(state["param_groups"])
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
+
+
+def saved_seconds(path: Path) -> float:
+    """The training time recorded in a checkpoint (0 if none)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as file:
+        return float((file.metadata() or {}).get("seconds", 0.0))
 
 
 def load_state(path: Path, model: torch.nn.Module, optimizer=None, kind: str = "") -> int:

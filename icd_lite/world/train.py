@@ -59,18 +59,20 @@ def batch_generator(stage_seed: int, step: int) -> torch.Generator:
 
 
 def run_stage(name: str, model, loss_fn, steps: int, lr: float, save_every: int,
-              extra_models: dict | None = None) -> None:
+              extra_models: dict | None = None) -> float:
     """The loop shared by the three stages: AdamW, cosine schedule, resumable checkpoints.
 
     ``loss_fn(step)`` returns the loss of one batch; ``extra_models`` (e.g. an EMA copy) are
-    saved beside the model and updated by the caller.
+    saved beside the model and updated by the caller. Returns the stage's training time in
+    minutes, summed over resumed runs.
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     scheduler = cosine_lr(optimizer, steps)
     path = CHECKPOINT_DIR / f"{name}.safetensors"
-    start = 0
+    start, seconds_before, began = 0, 0.0, time.time()
     if path.exists():
         start = checkpoints.load_state(path, model, optimizer, kind=name)
+        seconds_before = checkpoints.saved_seconds(path)
         for extra, module in (extra_models or {}).items():
             checkpoints.load_state(CHECKPOINT_DIR / f"{extra}.safetensors", module, kind=extra)
         for _ in range(start):
@@ -86,10 +88,12 @@ def run_stage(name: str, model, loss_fn, steps: int, lr: float, save_every: int,
         scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % save_every == 0 or step + 1 == steps:
-            checkpoints.save_state(path, model, optimizer, step + 1, kind=name)
+            seconds = seconds_before + time.time() - began
+            checkpoints.save_state(path, model, optimizer, step + 1, kind=name, seconds=seconds)
             for extra, module in (extra_models or {}).items():
                 checkpoints.save_state(CHECKPOINT_DIR / f"{extra}.safetensors", module,
                                        step=step + 1, kind=extra)
+    return round(checkpoints.saved_seconds(path) / 60, 1)
 
 
 def ship(name: str, model, command: str, **extra) -> None:
@@ -109,9 +113,8 @@ def train_clip(images, captions, tokenizer, steps: int, batch: int, save_every: 
         return clip(input_ids=tokens.input_ids[index], attention_mask=tokens.attention_mask[index],
                     pixel_values=images[index], return_loss=True).loss
 
-    begin = time.time()
-    run_stage("clip", clip, loss_fn, steps, 1e-3, save_every)
-    ship("clip", clip.eval(), command, train_minutes=round((time.time() - begin) / 60, 1))
+    minutes = run_stage("clip", clip, loss_fn, steps, 1e-3, save_every)
+    ship("clip", clip.eval(), command, train_minutes=minutes)
     return clip
 
 
@@ -125,9 +128,7 @@ def train_vae(images, steps: int, batch: int, save_every: int, command):
         reconstruction = vae.decode(posterior.mean).sample
         return (reconstruction - x).abs().mean() + 1e-6 * posterior.kl().mean()
 
-    begin = time.time()
-    run_stage("vae", vae, loss_fn, steps, 1e-3, save_every)
-    minutes = round((time.time() - begin) / 60, 1)
+    minutes = run_stage("vae", vae, loss_fn, steps, 1e-3, save_every)
     vae.eval()
     with torch.no_grad():
         sample = images[:5000]  # enough to measure a standard deviation
@@ -160,9 +161,9 @@ def train_teacher(latents, caption_index, text_embeddings, steps: int, batch: in
         prediction = unet(x_t, t, text_embeddings[rows]).sample
         return torch.mean((prediction - eps) ** 2)
 
-    begin = time.time()
-    run_stage("teacher", unet, loss_fn, steps, 5e-4, save_every, extra_models={"teacher_ema": ema})
-    ship("unet", ema.eval(), command, train_minutes=round((time.time() - begin) / 60, 1))
+    minutes = run_stage("teacher", unet, loss_fn, steps, 5e-4, save_every,
+                        extra_models={"teacher_ema": ema})
+    ship("unet", ema.eval(), command, train_minutes=minutes)
     return ema
 
 
@@ -170,7 +171,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stage", choices=["all", "clip", "vae", "teacher"], default="all")
     parser.add_argument("--clip-steps", type=int, default=4000)
-    parser.add_argument("--vae-steps", type=int, default=8000)
+    parser.add_argument("--vae-steps", type=int, default=12000)
     parser.add_argument("--teacher-steps", type=int, default=4000)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
