@@ -93,8 +93,9 @@ def test_run_stage_saves_every_and_at_the_end(tmp_path, monkeypatch):
     saved = []
     real_save = checkpoints.save_state
     monkeypatch.setattr(checkpoints, "save_state",
-                        lambda path, model, optimizer=None, step=0, kind="":
-                        saved.append((kind, step)) or real_save(path, model, optimizer, step, kind))
+                        lambda path, model, optimizer=None, step=0, kind="", seconds=0.0:
+                        saved.append((kind, step))
+                        or real_save(path, model, optimizer, step, kind, seconds))
     tiny_stage(tmp_path, 5, monkeypatch, save_every=2)
     assert saved == [("toy", 2), ("toy_ema", 2), ("toy", 4), ("toy_ema", 4), ("toy", 5),
                      ("toy_ema", 5)]
@@ -117,3 +118,10 @@ def test_ship_writes_weights_and_manifest(tmp_path, monkeypatch):
     loaded = torch.nn.Linear(3, 2)
     assert checkpoints.load_state(path, loaded, kind="vae") == 0
     assert torch.equal(loaded.weight, model.weight)
+
+
+def test_training_time_is_summed_over_resumed_runs(tmp_path, monkeypatch):
+    tiny_stage(tmp_path, 4, monkeypatch, save_every=2)
+    first = checkpoints.saved_seconds(tmp_path / "toy.safetensors")
+    tiny_stage(tmp_path, 6, monkeypatch, save_every=2)
+    assert checkpoints.saved_seconds(tmp_path / "toy.safetensors") > first > 0

@@ -30,7 +30,7 @@ def save_state(path: Path, model: torch.nn.Module, optimizer=None, step: int = 0
     """Write the model's weights (and the optimizer's moments, if given) to a safetensors file;
     ``seconds`` is the training time so far, carried across resumed runs."""
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {"kind": kind, "step": str(step), "seconds": f"{seconds:.1f}"}
+    metadata = {"kind": kind, "step": str(step), "seconds": f"{seconds:.3f}"}
     if optimizer is not None:
         state = optimizer.state_dict()
         for index, moments in state["state"].items():
