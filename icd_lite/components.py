@@ -55,7 +55,10 @@ class Components:
             prompts = [check_prompt(p, self.tokenizer) for p in prompts]
         tokens = self.tokenizer(prompts, padding="max_length", truncation=True,
                                 max_length=self.tokenizer.model_max_length, return_tensors="pt")
-        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+        mask = None  # SD1.5's text encoder reads the padding; the toy one masks it (see models)
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(self.device)
+        return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
 
     def check_images(self, images: torch.Tensor) -> None:
         size = self.image_size

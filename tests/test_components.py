@@ -76,9 +76,12 @@ def test_load_toy_components_loads_the_recorded_weights(toy):
             assert torch.equal(model.state_dict()[key], value), (name, key)
     tokens = components.tokenizer([PROMPT], padding="max_length", max_length=MAX_LENGTH,
                                   return_tensors="pt")
-    with torch.no_grad():
-        expected = models["clip"].text_model(input_ids=tokens.input_ids).last_hidden_state
-    torch.testing.assert_close(components.encode_prompt([PROMPT]), expected, rtol=0, atol=0)
+    with torch.no_grad():  # with the padding masked, as the teacher was trained
+        expected = models["clip"].text_model(input_ids=tokens.input_ids,
+                                             attention_mask=tokens.attention_mask)
+    torch.testing.assert_close(components.encode_prompt([PROMPT]), expected.last_hidden_state,
+                               rtol=0, atol=0)
+    assert components.text_encoder.config.use_attention_mask  # so the stock pipeline masks too
 
 
 def test_stock_stable_diffusion_pipeline_runs_the_toy_world(toy):

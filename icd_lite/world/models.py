@@ -37,8 +37,15 @@ def build_clip(tokenizer) -> CLIPModel:
 
 
 def text_encoder_from_clip(clip: CLIPModel) -> CLIPTextModel:
-    """The text tower of the world's CLIP as a standalone ``CLIPTextModel`` (what SD loads)."""
+    """The text tower of the world's CLIP as a standalone ``CLIPTextModel`` (what SD loads).
+
+    It was trained (and the teacher conditioned) with the padding masked out, so its config says
+    ``use_attention_mask``: diffusers' StableDiffusionPipeline then passes the mask too. Without
+    it the padding positions' hidden states change and the teacher's colour accuracy falls from
+    96 % to 87 % (measured).
+    """
     encoder = CLIPTextModel(clip.config.text_config)
+    encoder.config.use_attention_mask = True
     # transformers 4 nests the transformer as `.text_model`; transformers 5 flattens it.
     getattr(encoder, "text_model", encoder).load_state_dict(clip.text_model.state_dict())
     return encoder.eval()
