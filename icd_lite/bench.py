@@ -52,7 +52,9 @@ def teacher_samples(components, prompts: list[str], w_classical: float, steps: i
         chunk = prompts[start:start + batch]
         cond = components.encode_prompt(chunk)
         null = components.encode_prompt([""] * len(chunk))
-        noise = torch.randn(len(chunk), 4, 8, 8, generator=generator)
+        config = components.unet.config
+        shape = (len(chunk), config.in_channels, config.sample_size, config.sample_size)
+        noise = torch.randn(shape, generator=generator)
         model = guided_model(components.eps_model(), null, guidance)
         latents = sample_ddim(model, noise, sampling_timesteps(steps), extra_args={"cond": cond},
                               disable=True)

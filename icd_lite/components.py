@@ -12,8 +12,12 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from .schedule import NUM_TRAIN_TIMESTEPS
+from .world.loading import load_clip, load_unet, load_vae
+from .world.models import text_encoder_from_clip
+from .world.text import build_tokenizer, check_prompt, tokenize
 
 SD15_MODEL_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -50,11 +54,8 @@ class Components:
         if isinstance(prompts, str):
             prompts = [prompts]
         if self.preset == "toy":
-            from .world.text import check_prompt
-
             prompts = [check_prompt(p, self.tokenizer) for p in prompts]
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True,
-                                max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        tokens = tokenize(self.tokenizer, prompts)
         mask = None  # SD1.5's text encoder reads the padding; the toy one masks it (see models)
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(self.device)
@@ -98,10 +99,6 @@ def load_components(preset: str = "toy", device: str = "cpu",
     (Stable Diffusion 1.5 from the Hugging Face hub or a local copy: ``model_id`` may be a
     path)."""
     if preset == "toy":
-        from .world.loading import load_clip, load_unet, load_vae
-        from .world.models import text_encoder_from_clip
-        from .world.text import build_tokenizer
-
         tokenizer = build_tokenizer()
         clip = load_clip(tokenizer)
         components = Components(load_unet(), load_vae(), text_encoder_from_clip(clip),
@@ -117,8 +114,6 @@ def load_components(preset: str = "toy", device: str = "cpu",
 
 
 def _load_sd15(model_id: str, dtype) -> Components:
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     if dtype == torch.float16 and not torch.cuda.is_available():
         raise ValueError("float16 on a CPU is not supported by these models; use float32")
     try:

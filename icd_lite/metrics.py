@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .world.scenes import BACKGROUND_COLORS, OBJECT_COLORS, PATTERNS, SHAPES, SIZES
-from .world.text import build_tokenizer
+from .world.text import build_tokenizer, tokenize
 
 
 def _check_images(*images: torch.Tensor) -> None:
@@ -123,9 +123,7 @@ class ToyPerception:
 
     @torch.no_grad()
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
-        tokens = self.tokenizer(prompts, padding="max_length", truncation=True,
-                                max_length=self.tokenizer.model_max_length, return_tensors="pt")
-        pooled = self.clip.text_model(**tokens).pooler_output
+        pooled = self.clip.text_model(**tokenize(self.tokenizer, prompts)).pooler_output
         return F.normalize(self.clip.text_projection(pooled), dim=-1)
 
     def clip_t(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .losses import icd_training_step
 from .schedule import SD15_SCHEDULE, NoiseSchedule
 
 NULL_LABEL = -1
@@ -176,8 +177,6 @@ def distill_pair(world: GaussianMixture2D, init: MLPStudent, config, steps: int 
                  batch: int = 256, lr: float = 1e-3, seed: int = 0, disable=None):
     """Distil a reverse (CD_m) and a forward (fCD_m) student from the exact teacher with
     ``icd_training_step``; both start as copies of ``init``. Returns (reverse, forward, losses)."""
-    from .losses import icd_training_step
-
     generator = torch.Generator().manual_seed(seed)
     reverse, forward = copy.deepcopy(init), copy.deepcopy(init)
     reverse_opt = torch.optim.Adam(reverse.parameters(), lr=lr)

@@ -32,15 +32,20 @@ def start_point():
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("num_steps", [10, 50])
-def test_sample_ddim_matches_diffusers(num_steps):
-    scheduler = DDIMScheduler(**CONFIG)
+def diffusers_loop(scheduler_class, num_steps):
+    """Run diffusers' scheduler over its whole loop; return the result and the model's calls."""
+    scheduler = scheduler_class(**CONFIG)
     scheduler.set_timesteps(num_steps)
-    reference_model, model = DummyEps(), DummyEps()
-    x = start_point()
+    reference_model, x = DummyEps(), start_point()
     for t in scheduler.timesteps:
         x = scheduler.step(reference_model(x, t), t, x).prev_sample
+    return x, reference_model
 
+
+@pytest.mark.parametrize("num_steps", [10, 50])
+def test_sample_ddim_matches_diffusers(num_steps):
+    x, reference_model = diffusers_loop(DDIMScheduler, num_steps)
+    model = DummyEps()
     ours = sample_ddim(model, start_point(), sampling_timesteps(num_steps), disable=True)
     assert model.calls == reference_model.calls  # same timesteps, same order
     assert (ours - x).abs().max().item() <= 1e-5
@@ -49,13 +54,8 @@ def test_sample_ddim_matches_diffusers(num_steps):
 
 @pytest.mark.parametrize("num_steps", [10, 50])
 def test_invert_ddim_matches_diffusers(num_steps):
-    scheduler = DDIMInverseScheduler(**CONFIG)
-    scheduler.set_timesteps(num_steps)
-    reference_model, model = DummyEps(), DummyEps()
-    x = start_point()
-    for t in scheduler.timesteps:
-        x = scheduler.step(reference_model(x, t), t, x).prev_sample
-
+    x, reference_model = diffusers_loop(DDIMInverseScheduler, num_steps)
+    model = DummyEps()
     ours = invert_ddim(model, start_point(), inversion_timesteps(num_steps), disable=True)
     assert model.calls == reference_model.calls
     assert model.calls[0] != 0  # the network is never queried at the clean end

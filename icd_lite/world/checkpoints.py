@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -43,16 +44,12 @@ def save_state(path: Path, model: torch.nn.Module, optimizer=None, step: int = 0
 
 def saved_seconds(path: Path) -> float:
     """The training time recorded in a checkpoint (0 if none)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as file:
         return float((file.metadata() or {}).get("seconds", 0.0))
 
 
 def load_state(path: Path, model: torch.nn.Module, optimizer=None, kind: str = "") -> int:
     """Load weights (and optimizer state) saved by ``save_state``; return the step."""
-    from safetensors import safe_open
-
     with safe_open(str(path), "pt") as file:
         metadata = file.metadata() or {}
     if kind and metadata.get("kind") != kind:

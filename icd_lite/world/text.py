@@ -38,6 +38,12 @@ def build_tokenizer(words: list[str] | None = None) -> PreTrainedTokenizerFast:
                                    model_max_length=MAX_LENGTH)
 
 
+def tokenize(tokenizer, prompts: list[str]):
+    """Token ids and attention mask, padded to the tokenizer's length (20 here, 77 for SD1.5)."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt")
+
+
 def check_prompt(prompt: str, tokenizer: PreTrainedTokenizerFast) -> str:
     """Lower-case the prompt and raise UnknownWordError listing the vocabulary if a word is
     outside it (the toy text encoder would otherwise read it as [UNK], silently)."""

@@ -30,18 +30,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..schedule import SD15_SCHEDULE
-from . import checkpoints
+from . import checkpoints, loading
 from .models import build_clip, build_unet, build_vae, text_encoder_from_clip
 from .scenes import make_dataset
-from .text import build_tokenizer
+from .text import build_tokenizer, tokenize
 
 CHECKPOINT_DIR = Path("build/train")
 TRAIN_SEED, NUM_TRAIN = 0, 20000
-
-
-def tokenize(tokenizer, captions: list[str]) -> dict:
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt")
 
 
 def cosine_lr(optimizer, steps: int, warmup: int = 100):
@@ -185,8 +180,6 @@ def main(argv=None) -> None:
     print(f"dataset: {len(images)} scenes in {time.time() - start:.0f} s")
     stages = ["clip", "vae", "teacher"] if args.stage == "all" else [args.stage]
     times = {}
-    from . import loading  # the shipped weights of earlier stages, verified against the manifest
-
     for stage in stages:
         begin = time.time()
         if stage == "clip":
