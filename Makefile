@@ -15,7 +15,7 @@ STAMP     := $(VENV)/.icd-lite-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv figures test train lock clean
+.PHONY: venv figures test train train-world train-students lock clean
 
 venv: $(STAMP)
 
@@ -49,11 +49,19 @@ lock: $(STAMP)
 clean:
 	rm -rf build $(VENV)
 
-# Retrain every toy-world weight from scratch (~40 min on 2 CPU cores); resumes if interrupted.
+# Retrain every shipped weight from scratch: the toy world, then the iCD student pairs.
+train: train-world train-students
+
+# The toy world (~45 min on 2 CPU cores); resumes if interrupted.
 # CLIP and the VAE are independent: they train side by side, one core each; then the teacher.
-train: $(STAMP)
+train-world: $(STAMP)
 	@mkdir -p build
 	$(PY) -m icd_lite.world.train --stage clip --threads 1 > build/train_clip.log 2>&1 & clip=$$!; \
 	$(PY) -m icd_lite.world.train --stage vae --threads 1 || exit 1; \
 	wait $$clip || { echo "CLIP training failed: see build/train_clip.log"; exit 1; }
 	$(PY) -m icd_lite.world.train --stage teacher --threads 2
+
+# The student pairs of the paper's ablations (recipes A B C E F G G3, see icd_lite/distill.py), one
+# after another on the shipped teacher; resumes if interrupted.
+train-students: $(STAMP)
+	$(PY) -m icd_lite.distill --recipe all --threads 2

@@ -11,7 +11,12 @@ One module per concept, each short enough to read in one sitting:
 * ``world``       - the toy text-to-image world: scenes, tokenizer, CLIP, VAE, teacher UNet
 * ``components``  - ``load_components("toy" | "sd15")``: UNet, VAE, text encoder, tokenizer, scheduler
 * ``metrics``     - PSNR, LPIPS-like, DinoV2-like, CLIP-T, Frechet distance, attribute accuracy
-* ``bench``       - ``python -m icd_lite.bench world``
+* ``students``    - UNet students: a teacher copy with a guidance embedding, or LoRA (peft)
+* ``distill``     - the iCD training loop, the recipes of the paper's ablations, shipped pairs
+* ``pipeline``    - ``ICDPipeline``: encode / decode / generate / reconstruct, with NFE counts
+* ``baselines``   - DDIM inversion, null-text inversion, negative-prompt inversion
+* ``evaluation``  - the inversion experiments: Tables 1, 2, 5, 6 and Fig. 4a
+* ``bench``       - ``python -m icd_lite.bench world | inversion``
 * ``figures``     - the helper that saves every figure with its numbers
 """
 

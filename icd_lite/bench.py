@@ -1,4 +1,4 @@
-"""Benchmarks that print figures: ``python -m icd_lite.bench world``.
+"""Benchmarks that print figures: ``python -m icd_lite.bench world | inversion``.
 
 ``world`` measures the shipped toy world against its quality bars and writes
 ``build/bench/world.json``:
@@ -11,6 +11,11 @@
   and the Frechet distance to real images next to the distance between two real sets of the
   same size (the floor);
 * the training time of each stage, from the weights manifest.
+
+``inversion`` prints the analogues of the paper's Table 2 (reconstruction of held-out images by
+every shipped student pair and by DDIM50) and Table 6 (seconds and NFE per inversion of one
+image for iCD, DDIM50, NPI and NTI, measured side by side in this process, as ratios to iCD), and
+writes ``build/bench/inversion.json``.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics
+from . import evaluation, metrics
 from .components import load_components
+from .distill import load_pipelines
 from .guidance import classical_to_code, constant_guidance, guided_model
 from .solver import sample_ddim, sampling_timesteps
 from .world.checkpoints import read_manifest
@@ -119,17 +125,57 @@ def print_world(results: dict) -> None:
         print(f"  {name:<{width}}  {value:<28} {bar}")
 
 
+def bench_inversion(n: int = 200, timing_images: int = 3) -> dict:
+    components = load_components("toy")
+    perception = metrics.ToyPerception(components.clip, components.tokenizer)
+    pipes = load_pipelines(components)
+    images, captions, _ = make_dataset(n, seed=21)
+    table2 = evaluation.table2(pipes, components, images, captions, perception)
+    timing = evaluation.timing(pipes["G"], components, images[:timing_images],
+                               captions[:timing_images])
+    return {"n": n, "table2": table2, "table6": timing}
+
+
+def format_table(rows: list[dict], columns: dict[str, str]) -> str:
+    """Rows of dicts as aligned text; ``columns`` maps a key to its format (e.g. ".2f")."""
+    cells = [[f"{row[key]:{fmt}}" if row[key] is not None else "-"
+              for key, fmt in columns.items()] for row in rows]
+    widths = [max(len(key), *(len(line[i]) for line in cells))
+              for i, key in enumerate(columns)]
+    lines = ["  ".join(key.ljust(w) for key, w in zip(columns, widths))]
+    lines += ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)) for line in cells]
+    return "\n".join(lines)
+
+
+def print_inversion(results: dict) -> None:
+    print(f"Table 2 analogue: reconstruction of {results['n']} held-out toy images "
+          f"(PSNR up, LPIPS-like down, DinoV2-like up)")
+    print(format_table(results["table2"], {"config": "s", "nfe": "d", "psnr": ".2f",
+                                           "lpips_like": ".4f", "dino_like": ".4f"}))
+    print(f"\nTable 6 analogue: one image at a time, w = 8, mean of "
+          f"{results['table6'][0]['images']} images, this process")
+    print(format_table(results["table6"], {"method": "s", "nfe": ".0f", "seconds": ".3f",
+                                           "time_ratio_to_icd": ".1f", "psnr": ".2f"}))
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m icd_lite.bench", description=__doc__)
-    parser.add_argument("suite", choices=["world"])
-    parser.add_argument("--n", type=int, default=500, help="images / prompts per measurement")
+    parser = argparse.ArgumentParser(prog="python -m icd_lite.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("suite", choices=["world", "inversion"])
+    parser.add_argument("--n", type=int, default=None,
+                        help="images / prompts per measurement (world: 500, inversion: 200)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    results = bench_world(args.n)
-    print_world(results)
+    if args.suite == "world":
+        results = bench_world(args.n or 500)
+        print_world(results)
+    else:
+        results = bench_inversion(args.n or 200)
+        print_inversion(results)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
-    (OUT_DIR / "world.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {OUT_DIR / 'world.json'}")
+    path = OUT_DIR / f"{args.suite}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

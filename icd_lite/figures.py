@@ -64,3 +64,12 @@ def save_figure(fig: plt.Figure, name: str, table: Mapping | Sequence[Mapping],
     png = out / f"{name}.png"
     fig.savefig(png, dpi=150, bbox_inches="tight", metadata={"Software": None})
     return png
+
+
+def show_image(ax: plt.Axes, image, title: str | None = None, fontsize: int = 7) -> None:
+    """Draw one [3, H, W] image in [-1, 1] without ticks, with an optional small title."""
+    ax.imshow(((image.detach().clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy())
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title is not None:
+        ax.set_title(title, fontsize=fontsize)

@@ -141,7 +141,9 @@ def reverse_preservation_loss(forward_student, reverse_student, x0, eps, cond,
 class ICDConfig:
     """Hyper-parameters of one iCD run (defaults: the SD1.5 release, spec section 4).
 
-    ``lambda_f = 0`` / ``lambda_r = 0`` switch a preservation loss off (the paper's ablations).
+    ``lambda_f = 0`` / ``lambda_r = 0`` switch a preservation loss off, and ``forward_cd =
+    False`` trains the forward model by L_f alone (configuration E of Table 2): the paper's
+    ablations.
     """
 
     boundaries: Boundaries
@@ -151,6 +153,7 @@ class ICDConfig:
     huber_c: float = 1e-3
     grad_clip: float = 1.0
     num_ddim_steps: int = 50
+    forward_cd: bool = True
 
     def __post_init__(self):
         if not isinstance(self.boundaries, Boundaries):
@@ -159,6 +162,9 @@ class ICDConfig:
             raise ValueError(f"lambda_f and lambda_r must be >= 0, got {self.lambda_f}, "
                              f"{self.lambda_r}")
         check_w_code(torch.as_tensor(self.w_code_choices))
+        if not self.forward_cd and self.lambda_f == 0:
+            raise ValueError("with forward_cd=False and lambda_f=0 nothing trains the forward "
+                             "model; set lambda_f > 0 or forward_cd=True")
 
 
 def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_clip: float):
@@ -186,10 +192,11 @@ def icd_training_step(reverse_student, forward_student, teacher, reverse_optimiz
     _optimizer_step(loss, reverse_optimizer, config.grad_clip)
     losses["reverse_cd"] = loss.item()
 
-    loss = forward_cd_loss(forward_student, teacher, x0, eps, cond, boundaries, generator,
-                           schedule, c, config.num_ddim_steps)
-    _optimizer_step(loss, forward_optimizer, config.grad_clip)
-    losses["forward_cd"] = loss.item()
+    if config.forward_cd:
+        loss = forward_cd_loss(forward_student, teacher, x0, eps, cond, boundaries, generator,
+                               schedule, c, config.num_ddim_steps)
+        _optimizer_step(loss, forward_optimizer, config.grad_clip)
+        losses["forward_cd"] = loss.item()
 
     if config.lambda_f > 0:
         loss = forward_preservation_loss(forward_student, reverse_student, x0, eps, cond,

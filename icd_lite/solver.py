@@ -52,7 +52,8 @@ def ddim_jump(x_t: torch.Tensor, eps: torch.Tensor, t, s,
     return alpha_s * x0_hat + sigma_s * eps
 
 
-def _timestep_batch(t: int, x: torch.Tensor) -> torch.Tensor:
+def timestep_batch(t: int, x: torch.Tensor) -> torch.Tensor:
+    """The integer timestep t as a [B] tensor for the network."""
     return torch.full((x.shape[0],), int(t), dtype=torch.long, device=x.device)
 
 
@@ -81,7 +82,7 @@ def sample_ddim(model: EpsModel, x: torch.Tensor, timesteps: Sequence[int],
     extra_args = extra_args or {}
     for i, (t, s) in enumerate(tqdm(list(zip(steps[:-1], steps[1:])), disable=disable,
                                     desc="DDIM")):
-        eps = model(x, _timestep_batch(t, x), **extra_args)
+        eps = model(x, timestep_batch(t, x), **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "t": t, "s": s, "denoised": eps_to_x0(x, eps, t, schedule)})
         x = ddim_jump(x, eps, t, s, schedule)
@@ -103,7 +104,7 @@ def invert_ddim(model: EpsModel, x: torch.Tensor, timesteps: Sequence[int],
     extra_args = extra_args or {}
     for i, (t, s) in enumerate(tqdm(list(zip(steps[:-1], steps[1:])), disable=disable,
                                     desc="DDIM inversion")):
-        eps = model(x, _timestep_batch(s, x), **extra_args)
+        eps = model(x, timestep_batch(s, x), **extra_args)
         if callback is not None:
             callback({"x": x, "i": i, "t": t, "s": s, "denoised": eps_to_x0(x, eps, t, schedule)})
         x = ddim_jump(x, eps, t, s, schedule)

@@ -16,6 +16,8 @@ spec section 3), added with peft through diffusers' ``add_adapter``.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
@@ -60,7 +62,9 @@ def student_from_teacher(teacher: UNet2DConditionModel, embedding_dim: int | Non
         raise RuntimeError(f"teacher and student differ beyond the guidance projection: "
                            f"missing {missing}, unexpected {unexpected}")
     nn.init.zeros_(unet.time_embedding.cond_proj.weight)  # the student starts as the teacher
-    return UNetStudent(unet.to(teacher.device, teacher.dtype))
+    if unet.dtype != teacher.dtype:
+        unet = unet.to(dtype=teacher.dtype)
+    return UNetStudent(unet.to(teacher.device))
 
 
 def add_lora(student: UNetStudent, rank: int = 64, targets=SD15_LORA_TARGETS) -> UNetStudent:
@@ -85,3 +89,13 @@ def add_lora(student: UNetStudent, rank: int = 64, targets=SD15_LORA_TARGETS) ->
 
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
+
+
+def merged_unet(student: UNetStudent) -> UNet2DConditionModel:
+    """A plain copy of the student's UNet with any LoRA adapters fused into its weights, so that
+    it saves and loads like a full student."""
+    unet = copy.deepcopy(student.unet)
+    if getattr(unet, "peft_config", None):
+        unet.fuse_lora()
+        unet.unload_lora()
+    return unet

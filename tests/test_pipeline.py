@@ -1,0 +1,105 @@
+"""The encode / decode / generate API and the inversion baselines, on the shipped toy teacher.
+
+Students built from the teacher (not yet distilled) *are* the teacher, so their m-step decoding
+must equal m DDIM steps of the teacher over the boundaries: a parity test of the whole path.
+"""
+
+import pytest
+import torch
+
+from icd_lite import baselines
+from icd_lite.components import load_components
+from icd_lite.pipeline import ICDPipeline, guidance_schedule
+from icd_lite.schedule import default_boundaries
+from icd_lite.solver import sample_ddim
+from icd_lite.students import student_from_teacher
+from icd_lite.world.scenes import make_dataset
+from icd_lite.world.text import UnknownWordError
+
+
+@pytest.fixture(scope="module")
+def components():
+    return load_components("toy")
+
+
+@pytest.fixture(scope="module")
+def pipe(components):
+    unet = components.unet
+    return ICDPipeline(components, student_from_teacher(unet).eval(),
+                       student_from_teacher(unet).eval(), default_boundaries(4))
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    images, captions, _ = make_dataset(2, seed=5)
+    return images, captions
+
+
+def test_shapes_and_nfe(pipe, scenes):
+    images, captions = scenes
+    encoded = pipe.encode(images, captions)
+    assert encoded.images is None and encoded.latents.shape == (2, *pipe.latent_shape)
+    assert encoded.nfe == 4
+    decoded = pipe.decode(encoded.latents, captions, w=8.0, tau=0.8)
+    assert decoded.nfe == 4 and decoded.images.shape == images.shape
+    assert decoded.images.min() >= -1 and decoded.images.max() <= 1
+    assert pipe.reconstruct(images, captions).nfe == 8
+
+
+def test_decoding_with_teacher_copies_is_ddim_over_the_boundaries(pipe, components):
+    prompts = ["a large red circle on a blue background"] * 2
+    noise = torch.randn(2, *pipe.latent_shape, generator=torch.Generator().manual_seed(0))
+    got = pipe.decode(noise, prompts, w=1.0).latents
+    cond = components.encode_prompt(prompts)
+    expected = sample_ddim(components.eps_model(), noise, [999, 779, 519, 259, 0],
+                           extra_args={"cond": cond}, disable=True)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_generate_is_seeded(pipe):
+    a = pipe.generate("a small blue square on a white background", seed=3).images
+    b = pipe.generate("a small blue square on a white background", seed=3).images
+    c = pipe.generate("a small blue square on a white background", seed=4).images
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_bad_arguments_get_clear_errors(pipe, scenes):
+    images, captions = scenes
+    with pytest.raises(ValueError, match="one prompt per image"):
+        pipe.encode(images, captions + captions)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        pipe.decode(torch.randn(2, 4, 16, 16), captions)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        pipe.decode(torch.randn(2, *pipe.latent_shape), captions, w=0.5)
+    with pytest.raises(UnknownWordError):
+        pipe.generate("a red dragon on a blue background")
+    with pytest.raises(ValueError, match="expects 32x32"):
+        pipe.encode(torch.zeros(1, 3, 64, 64), "a red circle on a blue background")
+    with pytest.raises(ValueError, match="tau"):
+        guidance_schedule(8.0, tau=1.5)
+
+
+def test_baseline_nfe_counts(components, scenes):
+    images, captions = scenes
+    assert baselines.ddim_reconstruct(components, images, captions, steps=10).nfe == 20
+    assert baselines.ddim_reconstruct(components, images, captions, w=8.0, steps=10).nfe == 30
+    assert baselines.negative_prompt_reconstruct(components, images, captions, steps=10).nfe == 30
+
+
+def test_negative_prompt_inversion_equals_unguided_ddim(components, scenes):
+    images, captions = scenes
+    npi = baselines.negative_prompt_reconstruct(components, images, captions, w=8.0, steps=10)
+    ddim = baselines.ddim_reconstruct(components, images, captions, w=1.0, steps=10)
+    torch.testing.assert_close(npi.latents, ddim.latents, rtol=0, atol=1e-5)
+
+
+def test_null_text_inversion_repairs_guided_decoding(components, scenes):
+    images, captions = scenes
+    guided = baselines.ddim_reconstruct(components, images, captions, w=8.0, steps=10)
+    nti = baselines.null_text_reconstruct(components, images, captions, w=8.0, steps=10,
+                                          inner_steps=5)
+    unguided = baselines.ddim_reconstruct(components, images, captions, w=1.0, steps=10)
+    z0 = components.encode_images(images)
+    error = {name: (out.latents - z0).pow(2).mean().item() for name, out in [("guided", guided), ("nti", nti), ("unguided", unguided)]}
+    assert error["nti"] < 0.5 * error["guided"], error
+    assert nti.nfe > 30  # the optimisation's forward passes count
