@@ -40,11 +40,31 @@ def _inversion_path(model, z0, cond, steps: int) -> list[torch.Tensor]:
     return points + [x_T]
 
 
-def _prepare(components: Components, images, prompts):
+def prepare(components: Components, images, prompts):
+    """(z0, source-prompt embeddings, null-prompt embeddings) of a batch of images."""
     z0 = components.encode_images(images)
     cond = components.encode_prompt(as_prompts(prompts, len(images)))
     null = components.encode_prompt([""] * len(images))
     return z0, cond, null
+
+
+@torch.no_grad()
+def ddim_invert(model, z0, cond, null, w: float = 1.0, tau: float | None = None,
+                steps: int = 50) -> torch.Tensor:
+    """DDIM inversion z0 -> x_999 of the eps model ``model``, guided by (w, tau) with ``null``
+    as the unconditional input (unguided by default)."""
+    encoder = guided_model(model, null, guidance_schedule(w, tau))
+    return invert_ddim(encoder, z0, inversion_timesteps(steps), extra_args={"cond": cond},
+                       disable=True)
+
+
+@torch.no_grad()
+def ddim_decode(model, x_T, cond, null, w: float = 1.0, tau: float | None = None,
+                steps: int = 50) -> torch.Tensor:
+    """DDIM decoding x_999 -> z0, guided by (w, tau) with ``null`` as the unconditional input."""
+    decoder = guided_model(model, null, guidance_schedule(w, tau))
+    return sample_ddim(decoder, x_T, sampling_timesteps(steps), extra_args={"cond": cond},
+                       disable=True)
 
 
 @torch.no_grad()
@@ -54,14 +74,10 @@ def ddim_reconstruct(components: Components, images: torch.Tensor, prompts, w: f
     """DDIM inversion (guided by ``w_encode``/``tau_encode``, unguided by default) and DDIM
     decoding guided by (w, tau): the paper's fDDIM50 / DDIM50 rows."""
     begin = time.perf_counter()
-    z0, cond, null = _prepare(components, images, prompts)
+    z0, cond, null = prepare(components, images, prompts)
     model = CountCalls(components.eps_model())
-    encoder = guided_model(model, null, guidance_schedule(w_encode, tau_encode))
-    x_T = invert_ddim(encoder, z0, inversion_timesteps(steps), extra_args={"cond": cond},
-                      disable=True)
-    decoder = guided_model(model, null, guidance_schedule(w, tau))
-    latents = sample_ddim(decoder, x_T, sampling_timesteps(steps), extra_args={"cond": cond},
-                          disable=True)
+    x_T = ddim_invert(model, z0, cond, null, w_encode, tau_encode, steps)
+    latents = ddim_decode(model, x_T, cond, null, w, tau, steps)
     return Output(components.decode_latents(latents), latents, model.calls,
                   time.perf_counter() - begin)
 
@@ -72,13 +88,11 @@ def negative_prompt_reconstruct(components: Components, images: torch.Tensor, pr
     """NPI: unguided DDIM inversion, then guided decoding with the source prompt as the
     unconditional input (so the CFG step reduces to the conditional one)."""
     begin = time.perf_counter()
-    z0, cond, _ = _prepare(components, images, prompts)
+    z0 = components.encode_images(images)
+    cond = components.encode_prompt(as_prompts(prompts, len(images)))
     model = CountCalls(components.eps_model())
-    x_T = invert_ddim(model, z0, inversion_timesteps(steps), extra_args={"cond": cond},
-                      disable=True)
-    decoder = guided_model(model, cond, guidance_schedule(w))
-    latents = sample_ddim(decoder, x_T, sampling_timesteps(steps), extra_args={"cond": cond},
-                          disable=True)
+    x_T = ddim_invert(model, z0, cond, cond, steps=steps)  # unguided: the null input is unused
+    latents = ddim_decode(model, x_T, cond, cond, w, steps=steps)
     return Output(components.decode_latents(latents), latents, model.calls,
                   time.perf_counter() - begin)
 
@@ -126,7 +140,7 @@ def null_text_reconstruct(components: Components, images: torch.Tensor, prompts,
     """NTI: optimise the null embeddings on the unguided inversion path, then decode with CFG w
     using them."""
     begin = time.perf_counter()
-    z0, cond, null = _prepare(components, images, prompts)
+    z0, cond, null = prepare(components, images, prompts)
     model = CountCalls(components.eps_model())
     x_T, nulls = null_text_inversion(components, z0, cond, null, w, steps, inner_steps,
                                      model=model)

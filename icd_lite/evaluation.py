@@ -22,9 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from . import baselines, metrics
-from .guidance import guided_model
-from .pipeline import ICDPipeline, guidance_schedule
-from .solver import invert_ddim, inversion_timesteps, sample_ddim, sampling_timesteps
+from .pipeline import ICDPipeline
 
 W_GUIDED, TAU = 8.0, 0.8  # the paper's w = 8 and its dynamic CFG tau (Table 2)
 
@@ -95,20 +93,14 @@ STRATEGIES = {"no CFG": (1.0, None), "d.CFG tau=.6": (W_GUIDED, 0.6),
 @torch.no_grad()
 def table1(components, images, captions, perception, real_features, steps: int = 50) -> dict:
     """Table 1 on the teacher: FD[decoding][encoding] and the NLL of each encoding's latents."""
-    z0 = components.encode_images(images)
-    cond = components.encode_prompt(captions)
-    null = components.encode_prompt([""] * len(captions))
+    z0, cond, null = baselines.prepare(components, images, captions)
     model = components.eps_model()
     fd, nll = {}, {}
     for encoding, (w_e, tau_e) in STRATEGIES.items():
-        encoder = guided_model(model, null, guidance_schedule(w_e, tau_e))
-        x_T = invert_ddim(encoder, z0, inversion_timesteps(steps), extra_args={"cond": cond},
-                          disable=True)
+        x_T = baselines.ddim_invert(model, z0, cond, null, w_e, tau_e, steps)
         nll[encoding] = metrics.latent_nll(x_T)
         for decoding, (w_d, tau_d) in STRATEGIES.items():
-            decoder = guided_model(model, null, guidance_schedule(w_d, tau_d))
-            latents = sample_ddim(decoder, x_T, sampling_timesteps(steps),
-                                  extra_args={"cond": cond}, disable=True)
+            latents = baselines.ddim_decode(model, x_T, cond, null, w_d, tau_d, steps)
             features = perception.image_embeddings(components.decode_latents(latents))
             fd.setdefault(decoding, {})[encoding] = metrics.frechet_distance(features,
                                                                              real_features)
@@ -118,12 +110,14 @@ def table1(components, images, captions, perception, real_features, steps: int =
 def threshold_curve(components, images, captions, thresholds=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
                     w: float = W_GUIDED) -> dict:
     """Fig. 4a: MSE of DDIM50 inversion + decoding with w on only for t / T <= T; the images too
-    (Fig. 4b)."""
-    outputs = {T: baselines.ddim_reconstruct(components, images, captions, w=w, tau=T)
+    (Fig. 4b). The unguided inversion is shared by every T."""
+    z0, cond, null = baselines.prepare(components, images, captions)
+    model = components.eps_model()
+    x_T = baselines.ddim_invert(model, z0, cond, null)
+    decoded = {T: components.decode_latents(baselines.ddim_decode(model, x_T, cond, null, w, T))
                for T in thresholds}
-    return {"mse": {T: metrics.mse(out.images, images).mean().item()
-                    for T, out in outputs.items()},
-            "images": {T: out.images for T, out in outputs.items()}}
+    return {"mse": {T: metrics.mse(out, images).mean().item() for T, out in decoded.items()},
+            "images": decoded}
 
 
 def timing(pipe: ICDPipeline, components, images, captions, nti_inner_steps: int = 10) -> list:
