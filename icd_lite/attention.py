@@ -1,0 +1,302 @@
+r"""Prompt-to-Prompt attention control (Hertz et al. 2022) through diffusers' attention processors.
+
+An edit decodes a batch of pairs ``[sources..., targets...]`` from the same noise: the source
+branch reproduces the image, the target branch follows the new prompt. P2P makes the target
+branch borrow the *attention maps* of the source branch, so the layout stays and only what the
+prompt changes may move. In every attention layer, with probabilities
+``A = softmax(Q K^T / sqrt(d))`` of shape [heads, pixels, tokens]:
+
+* cross-attention, first ``cross_fraction`` of the steps:
+    - replace (same token count): ``A_tgt = A_src`` (the new word takes the old word's map);
+    - refine (counts differ, aligned by words): ``A_tgt[..., j] = A_src[..., M(j)]`` for every
+      target token j aligned to source token M(j); new tokens keep their own maps;
+    - reweight: ``A_tgt[..., j] *= amplify`` for the chosen target words (no renormalisation);
+* self-attention, first ``self_fraction`` of the steps: ``A_tgt = A_src`` (only for maps of at
+  most 32x32 tokens, as P2P);
+* local blend (optional): after each step, ``x_tgt <- x_src + M * (x_tgt - x_src)``, where the
+  mask M is the union over both branches of {cross-attention map of the blend words, summed over
+  words, averaged over layers and heads, max-pooled 3x3, scaled to [0, 1]} > threshold. (P2P
+  divides by the max only; the toy world's maps have a floor of ~0.6 of their max everywhere,
+  so that would keep every pixel. Min-max scaling behaves the same on peaked SD maps.)
+
+Steps count P2P's way: step i of n is controlled while ``i < int(fraction * n)``, so with iCD's
+4 decoding steps cross 0.3 controls step 0 and self 0.6 steps 0 and 1. Only the conditional
+network pass is controlled: the unconditional pass of CFG runs inside ``controller.paused()``.
+
+``attention_control(unet, controller)`` swaps every attention processor of a UNet for one that
+calls the controller (diffusers' public ``set_attn_processor`` API) and restores the originals on
+exit; the controller checks that every hooked layer ran in every step, so a model that routes
+attention elsewhere fails loudly instead of editing nothing.
+"""
+
+from __future__ import annotations
+
+import difflib
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from .world.text import tokenize
+
+SELF_MAX_TOKENS = 32 * 32
+
+
+class AlignmentError(ValueError):
+    """Source and target prompts cannot be aligned token by token for attention control."""
+
+
+def _tokens(tokenizer, prompt: str) -> list[int]:
+    """Token ids of one prompt, with BOS and EOS, without padding."""
+    return tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+
+
+def token_mapping(tokenizer, source: str, target: str, mode: str = "auto"):
+    """For every target token position j: the source position M(j) and whether j is aligned.
+
+    ``replace`` maps position to position and needs the same token count; ``refine`` aligns the
+    words with difflib (longest common blocks). ``auto`` picks replace when the counts agree.
+    Padding after EOS maps to the padding after the source's EOS. Returns (mapping [L] long,
+    aligned [L] bool) with L the tokenizer's padded length.
+    """
+    src, tgt = _tokens(tokenizer, source), _tokens(tokenizer, target)
+    length = tokenizer.model_max_length
+    if mode == "auto":
+        mode = "replace" if len(src) == len(tgt) else "refine"
+    if mode == "replace":
+        if len(src) != len(tgt):
+            raise AlignmentError(
+                f"word replacement needs prompts of the same token count, got {len(src)} for "
+                f"{source!r} and {len(tgt)} for {target!r}; use mode='refine' (or 'auto')")
+        mapping, aligned = list(range(len(tgt))), [True] * len(tgt)
+    elif mode == "refine":
+        mapping, aligned = [0] * len(tgt), [False] * len(tgt)
+        matcher = difflib.SequenceMatcher(a=src[1:-1], b=tgt[1:-1], autojunk=False)
+        blocks = [block for block in matcher.get_matching_blocks() if block.size]
+        if not blocks:
+            raise AlignmentError(f"{source!r} and {target!r} share no words, so P2P has no "
+                                 f"attention map to carry over; write the target prompt as an "
+                                 f"edit of the source prompt")
+        for a, b, size in blocks:
+            for k in range(size):
+                mapping[1 + b + k], aligned[1 + b + k] = 1 + a + k, True
+        mapping[0], aligned[0] = 0, True  # BOS
+        mapping[-1], aligned[-1] = len(src) - 1, True  # EOS
+    else:
+        raise ValueError(f"unknown alignment mode {mode!r}; choose 'auto', 'replace' or 'refine'")
+    padding = [min(len(src) + k, length - 1) for k in range(length - len(tgt))]
+    return (torch.tensor(mapping + padding), torch.tensor(aligned + [True] * len(padding)))
+
+
+def word_positions(tokenizer, prompt: str, words) -> torch.Tensor:
+    """Bool [L]: the token positions of ``words`` in the prompt (every occurrence)."""
+    ids = tokenize(tokenizer, [prompt]).input_ids[0]
+    selected = torch.zeros(len(ids), dtype=torch.bool)
+    for word in words:
+        word_ids = _tokens(tokenizer, word)[1:-1]
+        found = [i for i in range(len(ids) - len(word_ids) + 1)
+                 if ids[i:i + len(word_ids)].tolist() == word_ids]
+        if not word_ids or not found:
+            raise AlignmentError(f"the word {word!r} is not in the prompt {prompt!r}; "
+                                 f"blend and amplify words must be words of their prompt")
+        for i in found:
+            selected[i:i + len(word_ids)] = True
+    return selected
+
+
+def changed_words(source: str, target: str) -> tuple[str, ...]:
+    """The target's words that the source does not have at the same place (difflib)."""
+    a, b = source.split(), target.split()
+    opcodes = difflib.SequenceMatcher(a=a, b=b, autojunk=False).get_opcodes()
+    return tuple(word for tag, _, _, j1, j2 in opcodes if tag in ("replace", "insert")
+                 for word in b[j1:j2])
+
+
+def _one_per_edit(value, batch: int, name: str) -> list:
+    """None for every edit, or the given list, which must have one entry per edit."""
+    if value is None:
+        return [None] * batch
+    value = list(value)
+    if len(value) != batch:
+        raise ValueError(f"{name} must be a list with one entry per edit ({batch}), got "
+                         f"{len(value)}: e.g. [(('circle',), ('square',))] for blend_words of "
+                         f"one edit")
+    return value
+
+
+class PromptToPrompt:
+    """The attention controller of a batch of B edits (see the module docstring).
+
+    ``blend_words``: a list with, per edit, (source words, target words) for the local blend or
+    None (no blend); ``amplify_words``: a list with, per edit, the target words to reweight or
+    None (the changed words). Both default to None for every edit.
+    """
+
+    def __init__(self, tokenizer, sources: list[str], targets: list[str], num_steps: int,
+                 cross_fraction: float = 0.3, self_fraction: float = 0.6, amplify: float = 1.0,
+                 amplify_words=None, blend_words=None, blend_threshold: float = 0.3,
+                 blend_start: float = 0.2, mode: str = "auto"):
+        if len(sources) != len(targets):
+            raise ValueError(f"got {len(sources)} source and {len(targets)} target prompts; "
+                             f"give one target per source")
+        for name, value in (("cross_fraction", cross_fraction), ("self_fraction", self_fraction),
+                            ("blend_threshold", blend_threshold), ("blend_start", blend_start)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {value}")
+        if amplify <= 0:
+            raise ValueError(f"amplify must be > 0 (1 = no reweighting), got {amplify}")
+        batch = len(sources)
+        pairs = [token_mapping(tokenizer, s, t, mode) for s, t in zip(sources, targets)]
+        self.mapping = torch.stack([m for m, _ in pairs])  # [B, L]
+        self.aligned = torch.stack([a for _, a in pairs]).float()
+        amplify_words = _one_per_edit(amplify_words, batch, "amplify_words")
+        self.equalizer = torch.ones(self.mapping.shape)
+        for i, (source, target, words) in enumerate(zip(sources, targets, amplify_words)):
+            words = changed_words(source, target) if words is None else words
+            self.equalizer[i, word_positions(tokenizer, target, words)] = amplify
+        self.blend = [None if words is None else
+                      (word_positions(tokenizer, s, words[0]), word_positions(tokenizer, t, words[1]))
+                      for s, t, words in zip(sources, targets,
+                                             _one_per_edit(blend_words, batch, "blend_words"))]
+        self.cross_steps = int(cross_fraction * num_steps)
+        self.self_steps = int(self_fraction * num_steps)
+        self.blend_from = int(blend_start * num_steps)
+        self.blend_threshold = blend_threshold
+        self.num_steps, self.batch = num_steps, batch
+        self.step, self.active = -1, True
+        self.hooked: set[str] = set()
+        self._called: set[str] = set()
+        self._maps: list[torch.Tensor] = []
+
+    # -- the editing loop calls these ---------------------------------------------------------
+    def begin_step(self, i: int) -> None:
+        """Start decoding step i (0-based); checks that the previous step ran every layer."""
+        self._check_layers()
+        self.step, self._called, self._maps = i, set(), []
+
+    def finish(self) -> None:
+        self._check_layers()
+        self.step = -1
+
+    @contextmanager
+    def paused(self):
+        """Run the network without control (the unconditional pass of CFG)."""
+        self.active = False
+        try:
+            yield
+        finally:
+            self.active = True
+
+    def blend_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """Local blend of the latents [2B, C, h, w] after step ``self.step``."""
+        if self.step < self.blend_from or not self._maps or all(b is None for b in self.blend):
+            return x
+        source, target = x.chunk(2)
+        maps = torch.stack([F.interpolate(m, size=x.shape[-2:], mode="bilinear")
+                            for m in self._maps]).mean(0)  # [2B, L, h, w]
+        mask = torch.ones_like(target[:, :1])
+        for i, words in enumerate(self.blend):
+            if words is not None:
+                mask[i] = (self._word_mask(maps[i], words[0])
+                           | self._word_mask(maps[self.batch + i], words[1])).float()
+        return torch.cat([source, source + mask * (target - source)])
+
+    def _word_mask(self, maps: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        if not words.any():
+            return torch.zeros((1, *maps.shape[-2:]), dtype=torch.bool)
+        word_map = F.max_pool2d(maps[words].sum(0, keepdim=True), 3, stride=1, padding=1)
+        low, high = word_map.min(), word_map.max()
+        return (word_map - low) / (high - low).clamp_min(1e-12) > self.blend_threshold
+
+    def _check_layers(self) -> None:
+        missing = self.hooked - self._called
+        if self.step >= 0 and missing:
+            raise RuntimeError(f"attention control: {len(missing)} of {len(self.hooked)} hooked "
+                               f"layers did not run in step {self.step} (e.g. {min(missing)}); "
+                               f"the model does not route attention through its processors, so "
+                               f"the edit would silently ignore the controller")
+
+    # -- the attention processors call these --------------------------------------------------
+    def needs_probs(self, is_cross: bool, tokens: int) -> bool:
+        if not self.active or self.step < 0:
+            return False
+        if is_cross:
+            return self.step < self.cross_steps or any(b is not None for b in self.blend)
+        return self.step < self.self_steps and tokens <= SELF_MAX_TOKENS
+
+    def __call__(self, probs: torch.Tensor, is_cross: bool) -> torch.Tensor:
+        """Edit the attention probabilities [2B * heads, pixels, tokens] of one layer."""
+        two_b, heads = 2 * self.batch, probs.shape[0] // (2 * self.batch)
+        source, target = probs.reshape(two_b, heads, *probs.shape[1:]).chunk(2)
+        if is_cross and self.step < self.cross_steps:
+            index = self.mapping[:, None, None, :].expand(-1, heads, target.shape[2], -1)
+            carried = torch.gather(source, -1, index.to(source.device))
+            aligned = self.aligned[:, None, None, :].to(target)
+            target = (aligned * carried + (1 - aligned) * target) * self.equalizer[
+                :, None, None, :].to(target)
+        elif not is_cross and self.step < self.self_steps:
+            target = source
+        probs = torch.cat([source, target]).reshape(probs.shape)
+        if is_cross:
+            self._store_map(probs.reshape(two_b, heads, *probs.shape[1:]))
+        return probs
+
+    def _store_map(self, probs: torch.Tensor) -> None:
+        pixels = probs.shape[2]
+        side = int(round(pixels**0.5))
+        if side * side == pixels:  # [2B, L, side, side], averaged over heads
+            self._maps.append(probs.mean(1).transpose(1, 2).reshape(len(probs), -1, side, side))
+
+
+class ControlledAttnProcessor:
+    """diffusers' AttnProcessor with the controller between softmax and the value product.
+
+    Layers the controller does not need at this step run the original processor (often the
+    fused scaled-dot-product kernel), so control costs nothing outside its window.
+    """
+
+    def __init__(self, controller: PromptToPrompt, name: str, original):
+        self.controller, self.name, self.original = controller, name, original
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, **kwargs):
+        self.controller._called.add(self.name)
+        is_cross = encoder_hidden_states is not None
+        tokens = (encoder_hidden_states if is_cross else hidden_states).shape[1]
+        if hidden_states.ndim != 3 or attn.spatial_norm is not None or attn.group_norm is not None:
+            raise ValueError(f"attention control supports the transformer attention of a UNet "
+                             f"([B, tokens, C] inputs, no group/spatial norm); layer {self.name} "
+                             f"is not one: hook the UNet, not the VAE")
+        if not self.controller.needs_probs(is_cross, tokens):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                 temb, **kwargs)
+        residual, batch = hidden_states, hidden_states.shape[0]
+        context = hidden_states if not is_cross else (
+            attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross
+            else encoder_hidden_states)
+        mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = self.controller(attn.get_attention_scores(query, key, mask), is_cross)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+@contextmanager
+def attention_control(unet, controller: PromptToPrompt):
+    """Route every attention layer of ``unet`` through ``controller`` inside the ``with``."""
+    original = unet.attn_processors
+    if not original:
+        raise ValueError("this UNet has no attention layers to control")
+    unet.set_attn_processor({name: ControlledAttnProcessor(controller, name, processor)
+                             for name, processor in original.items()})
+    controller.hooked = set(original)
+    try:
+        yield controller
+    finally:
+        unet.set_attn_processor(dict(original))
+        controller.hooked = set()
