@@ -127,9 +127,10 @@ def _one_per_edit(value, batch: int, name: str) -> list:
 class PromptToPrompt:
     """The attention controller of a batch of B edits (see the module docstring).
 
-    ``blend_words``: a list with, per edit, (source words, target words) for the local blend or
-    None (no blend); ``amplify_words``: a list with, per edit, the target words to reweight or
-    None (the changed words). Both default to None for every edit.
+    ``blend_words``: a list with, per edit, (source words, target words) for the local blend, or
+    None (no blend; two empty word lists, e.g. for a new background, mean the same).
+    ``amplify_words``: a list with, per edit, the target words to reweight, or None (the words
+    that changed). Both default to None for every edit.
     """
 
     def __init__(self, tokenizer, sources: list[str], targets: list[str], num_steps: int,
@@ -154,7 +155,7 @@ class PromptToPrompt:
         for i, (source, target, words) in enumerate(zip(sources, targets, amplify_words)):
             words = changed_words(source, target) if words is None else words
             self.equalizer[i, word_positions(tokenizer, target, words)] = amplify
-        self.blend = [None if words is None else
+        self.blend = [None if words is None or not (words[0] or words[1]) else
                       (word_positions(tokenizer, s, words[0]), word_positions(tokenizer, t, words[1]))
                       for s, t, words in zip(sources, targets,
                                              _one_per_edit(blend_words, batch, "blend_words"))]

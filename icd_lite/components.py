@@ -48,14 +48,19 @@ class Components:
     def device(self) -> torch.device:
         return self.unet.device
 
-    @torch.no_grad()
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """Text embeddings [B, L, D] (the UNet's cross-attention input); "" is the null prompt."""
+    def clean_prompts(self, prompts) -> list[str]:
+        """The prompts as the text encoder reads them: on the toy world lower-cased and checked
+        against its vocabulary (an unknown word is an error that lists the vocabulary)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         if self.preset == "toy":
-            prompts = [check_prompt(p, self.tokenizer) for p in prompts]
-        tokens = tokenize(self.tokenizer, prompts)
+            return [check_prompt(p, self.tokenizer) for p in prompts]
+        return list(prompts)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """Text embeddings [B, L, D] (the UNet's cross-attention input); "" is the null prompt."""
+        tokens = tokenize(self.tokenizer, self.clean_prompts(prompts))
         mask = None  # SD1.5's text encoder reads the padding; the toy one masks it (see models)
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(self.device)
