@@ -1,4 +1,4 @@
-"""Benchmarks that print figures: ``python -m icd_lite.bench world | inversion``.
+"""Benchmarks that print figures: ``python -m icd_lite.bench world | inversion | editing``.
 
 ``world`` measures the shipped toy world against its quality bars and writes
 ``build/bench/world.json``:
@@ -16,6 +16,13 @@
 every shipped student pair and by DDIM50) and Table 6 (seconds and NFE per inversion of one
 image for iCD, DDIM50, NPI and NTI, measured side by side in this process, as ratios to iCD), and
 writes ``build/bench/inversion.json``.
+
+``editing`` runs every editor (iCD 4 and 3 steps with P2P, iCD with prompt switching, DDIM50 +
+P2P, NPI + P2P, NTI + P2P) on the same ToyBench cases in one process: the PIE-Bench-style table
+per editor (NTI on a stratified subset, the table says how many cases each saw), attribute
+accuracy per edit type, and seconds / NFE per edit, one edit at a time, as ratios to iCD, with
+iCD's wall time against the bare cost of its network evaluations. Writes
+``build/bench/editing.json``.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import evaluation, metrics
+from . import editing_evaluation, evaluation, metrics, toybench
 from .components import load_components
 from .distill import load_pipelines
 from .guidance import classical_to_code, constant_guidance, guided_model
@@ -158,20 +165,71 @@ def print_inversion(results: dict) -> None:
                                            "time_ratio_to_icd": ".1f", "psnr": ".2f"}))
 
 
+def bench_editing(per_type: int | None = None, nti_per_type: int = 6) -> dict:
+    components = load_components("toy")
+    perception = metrics.ToyPerception(components.clip, components.tokenizer)
+    pipes = load_pipelines(components, ["G", "G3"])
+    cases = toybench.load_toybench()
+    if per_type:
+        cases = toybench.stratified_subset(cases, per_type)
+    editors = editing_evaluation.make_editors(components, pipes)
+    results = editing_evaluation.toybench_results(perception, editors, cases,
+                                                  per_type={"NTI + P2P": nti_per_type})
+    timing = editing_evaluation.edit_timing(editors, toybench.stratified_subset(cases, 1),
+                                            pipes["G"])
+    return {"cases": len(cases),
+            "settings": {"w_icd": editing_evaluation.W_ICD, "tau": editing_evaluation.TAU_ICD,
+                         "w_teacher": editing_evaluation.W_TEACHER},
+            "toybench": {name: {key: r[key] for key in ("cases", "nfe", "summary", "rows")}
+                         for name, r in results.items()},
+            "timing": timing}
+
+
+EDIT_COLUMNS = {"editor": "s", "cases": "d", "nfe": "d", "attribute_ok": ".3f", "clip_t": ".3f",
+                "clip_t_edited": ".3f", "dino_like": ".3f", "structure": ".4f", "bg_psnr": ".2f",
+                "bg_lpips": ".4f", "bg_ssim": ".3f", "psnr_target": ".2f"}
+
+
+def print_editing(results: dict) -> None:
+    table = results["toybench"]
+    print(f"ToyBench ({results['cases']} cases; w = {results['settings']['w_icd']:g} for iCD, "
+          f"{results['settings']['w_teacher']:g} for the teacher baselines)")
+    rows = [{"editor": name, "cases": r["cases"], "nfe": r["nfe"], **r["summary"]["all"]}
+            for name, r in table.items()]
+    print(format_table(rows, EDIT_COLUMNS))
+    print("\nattribute accuracy per edit type")
+    types = [t for t in next(iter(table.values()))["summary"] if t != "all"]
+    rows = [{"editor": name, **{t: r["summary"][t]["attribute_ok"] for t in types}}
+            for name, r in table.items()]
+    print(format_table(rows, {"editor": "s", **{t: ".2f" for t in types}}))
+    timing = results["timing"]
+    print(f"\nseconds per edit, one at a time, {timing[0]['edits']} edits each, this process")
+    print(format_table(timing, {"editor": "s", "nfe": ".0f", "seconds": ".3f",
+                                "ratio_to_icd": ".1f"}))
+    icd = timing[0]
+    print(f"iCD wall time / bare cost of its {icd['nfe']:.0f} network evaluations: "
+          f"{icd['seconds']:.4f} / {icd['bare_network_seconds']:.4f} s = "
+          f"{icd['overhead_ratio']:.2f}x (target <= 1.5x)")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m icd_lite.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["world", "inversion"])
+    parser.add_argument("suite", choices=["world", "inversion", "editing"])
     parser.add_argument("--n", type=int, default=None,
-                        help="images / prompts per measurement (world: 500, inversion: 200)")
+                        help="images / prompts per measurement (world: 500, inversion: 200; "
+                             "editing: cases per edit type, default all 50)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.suite == "world":
         results = bench_world(args.n or 500)
         print_world(results)
-    else:
+    elif args.suite == "inversion":
         results = bench_inversion(args.n or 200)
         print_inversion(results)
+    else:
+        results = bench_editing(args.n)
+        print_editing(results)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     path = OUT_DIR / f"{args.suite}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
