@@ -118,7 +118,7 @@ def null_text_inversion(components: Components, z0: torch.Tensor, cond: torch.Te
         target, t_batch = path[-2 - i], timestep_batch(t, x)
         with torch.no_grad():
             eps_cond = model(x, t_batch, cond)
-        u = u.detach().requires_grad_(True)
+        u = u.detach().clone().requires_grad_(True)  # a new tensor: Adam updates it in place
         optimizer = torch.optim.Adam([u], lr=lr * (1 - i / 100))
         for _ in range(inner_steps):
             eps = cfg(eps_cond, model(x, t_batch, u), w_code)
@@ -129,7 +129,7 @@ def null_text_inversion(components: Components, z0: torch.Tensor, cond: torch.Te
             if loss.item() < early_stop:
                 break
         u = u.detach()
-        nulls.append(u)
+        nulls.append(u)  # u_t; the next step optimises a clone of it
         with torch.no_grad():
             x = ddim_jump(x, cfg(eps_cond, model(x, t_batch, u), w_code), t, s)
     return path[-1], nulls

@@ -103,3 +103,13 @@ def test_null_text_inversion_repairs_guided_decoding(components, scenes):
     error = {name: (out.latents - z0).pow(2).mean().item() for name, out in [("guided", guided), ("nti", nti), ("unguided", unguided)]}
     assert error["nti"] < 0.5 * error["guided"], error
     assert nti.nfe > 30  # the optimisation's forward passes count
+
+
+def test_null_text_inversion_keeps_one_embedding_per_step(components, scenes):
+    images, captions = scenes
+    z0, cond, null = baselines.prepare(components, images, captions)
+    _, nulls = baselines.null_text_inversion(components, z0, cond, null, w=8.0, steps=10,
+                                             inner_steps=3)
+    # each u_t is its own tensor: Adam's in-place updates of later steps must not reach it
+    assert len({u.data_ptr() for u in nulls}) == len(nulls) == 10
+    assert (nulls[0] - nulls[-1]).abs().max() > 1e-3
