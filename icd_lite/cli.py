@@ -275,8 +275,8 @@ def edit_parser(commands) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the edited image (.png)")
     parser.add_argument("--reconstruction", type=Path, help="also save the source branch's "
                         "reconstruction of the image (.png)")
-    add_guidance_options(parser, 8.0, "the authors' SD1.5 benchmark scripts use 20; the toy "
-                                      "students edit best near 8 on ToyBench")
+    add_guidance_options(parser, 4.0, "the authors' SD1.5 benchmark scripts use 20; the toy "
+                                      "students edit best near 4 on ToyBench")
     parser.add_argument("--cross", type=fraction, default=0.3,
                         help="P2P cross-attention injection: the fraction of the decoding "
                              "steps on which the target branch takes the source's word maps "

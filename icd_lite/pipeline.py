@@ -92,10 +92,17 @@ class ICDPipeline:
         begin = time.perf_counter()
         z0 = self.components.encode_images(images)
         cond = self.components.encode_prompt(as_prompts(prompts, len(images)))
+        noise, nfe = self.encode_latents(z0, cond, seed)
+        return Output(None, noise, nfe, time.perf_counter() - begin)
+
+    @torch.no_grad()
+    def encode_latents(self, z0: torch.Tensor, cond: torch.Tensor, seed: int = 0):
+        """Scaled VAE latents z0 and prompt embeddings -> (noise x_999, NFE): ``encode`` without
+        the VAE and the text encoder, for callers that already have both."""
         student = CountCalls(self.forward_student)
         generator = torch.Generator().manual_seed(seed)
         noise = consistency_encode(student, z0, self.boundaries, cond, generator=generator)
-        return Output(None, noise, student.calls, time.perf_counter() - begin)
+        return noise, student.calls
 
     @torch.no_grad()
     def decode(self, noise: torch.Tensor, prompts, w: float = 1.0,

@@ -155,3 +155,36 @@ def test_npi_source_branch_reconstructs_better_than_ddim_p2p(components, image):
     ddim = baseline_edit(components, image, SOURCE, TARGET, "ddim", steps=10)
     npi = baseline_edit(components, image, SOURCE, TARGET, "npi", steps=10)
     assert psnr(npi.reconstructions, image) > psnr(ddim.reconstructions, image) + 1.0
+
+
+def test_editors_on_toybench_count_cases_and_time_against_bare_network_cost(components, pipe):
+    from icd_lite import editing_evaluation, toybench
+    from icd_lite.metrics import ToyPerception
+
+    perception = ToyPerception(components.clip, components.tokenizer)
+    cases = toybench.stratified_subset(toybench.load_toybench(), 2)
+    icd = editing_evaluation.make_editors(components, {"G": pipe})[editing_evaluation.ICD]
+    results = editing_evaluation.toybench_results(perception, {"all": icd, "subset": icd}, cases,
+                                                  per_type={"subset": 1})
+    assert (results["all"]["cases"], results["subset"]["cases"]) == (12, 6)
+    summary = results["all"]["summary"]
+    assert set(summary) == {"color", "shape", "background", "size", "add", "remove", "all"}
+    rows = results["all"]["rows"]
+    assert summary["all"]["dino_like"] == pytest.approx(sum(r["dino_like"] for r in rows) / 12)
+    assert results["all"]["nfe"] == 8
+
+    timing = editing_evaluation.edit_timing({"iCD": icd}, cases[:1], pipe)
+    assert timing[0]["ratio_to_icd"] == 1.0 and timing[0]["nfe"] == 8
+    assert timing[0]["bare_network_seconds"] < timing[0]["seconds"]
+
+
+def test_guidance_trades_preservation_for_change_in_the_tradeoff(components, pipe):
+    from icd_lite import editing_evaluation, toybench
+    from icd_lite.metrics import ToyPerception
+
+    perception = ToyPerception(components.clip, components.tokenizer)
+    cases = toybench.stratified_subset(toybench.load_toybench(), 2)
+    unguided, guided = editing_evaluation.tradeoff(perception, {"G": pipe}, cases, ws=(1.0, 8.0))
+    assert (unguided["w"], guided["w"], guided["steps"]) == (1.0, 8.0, 4)
+    assert guided["dino_like"] < unguided["dino_like"] - 0.05
+    assert guided["bg_psnr"] < unguided["bg_psnr"] - 1.0
