@@ -16,7 +16,12 @@ One module per concept, each short enough to read in one sitting:
 * ``pipeline``    - ``ICDPipeline``: encode / decode / generate / reconstruct, with NFE counts
 * ``baselines``   - DDIM inversion, null-text inversion, negative-prompt inversion
 * ``evaluation``  - the inversion experiments: Tables 1, 2, 5, 6 and Fig. 4a
-* ``bench``       - ``python -m icd_lite.bench world | inversion``
+* ``attention``   - Prompt-to-Prompt attention control through diffusers' attention processors
+* ``editing``     - iCD editing, prompt-switch editing, DDIM / NPI / NTI + P2P baselines
+* ``toybench``    - ToyBench: PIE-Bench-style edit cases with exact targets, and its metrics
+* ``editing_evaluation`` - every editor on ToyBench, edit timing, the alignment/preservation sweep
+* ``bench``       - ``python -m icd_lite.bench world | inversion | editing``
+* ``cli``         - ``python -m icd_lite edit | invert | generate``
 * ``figures``     - the helper that saves every figure with its numbers
 """
 

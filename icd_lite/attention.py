@@ -155,15 +155,16 @@ class PromptToPrompt:
         for i, (source, target, words) in enumerate(zip(sources, targets, amplify_words)):
             words = changed_words(source, target) if words is None else words
             self.equalizer[i, word_positions(tokenizer, target, words)] = amplify
-        self.blend = [None if words is None or not (words[0] or words[1]) else
-                      (word_positions(tokenizer, s, words[0]), word_positions(tokenizer, t, words[1]))
-                      for s, t, words in zip(sources, targets,
-                                             _one_per_edit(blend_words, batch, "blend_words"))]
+        self.blend = [
+            None if words is None or not (words[0] or words[1]) else
+            (word_positions(tokenizer, s, words[0]), word_positions(tokenizer, t, words[1]))
+            for s, t, words in zip(sources, targets,
+                                   _one_per_edit(blend_words, batch, "blend_words"))]
         self.cross_steps = int(cross_fraction * num_steps)
         self.self_steps = int(self_fraction * num_steps)
         self.blend_from = int(blend_start * num_steps)
         self.blend_threshold = blend_threshold
-        self.num_steps, self.batch = num_steps, batch
+        self.batch = batch
         self.step, self.active = -1, True
         self.hooked: set[str] = set()
         self._called: set[str] = set()

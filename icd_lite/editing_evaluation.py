@@ -7,7 +7,8 @@ r"""The editing experiments: every editor on the same ToyBench cases, its speed,
 * ``edit_timing``: seconds and NFE of one edit at a time, side by side in this process, as ratios
   to iCD; and iCD's wall time against the bare cost of its network evaluations (the same 8
   student calls on the same shapes, without hooks, VAE or text encoder);
-* ``tradeoff``: text alignment vs preservation over guidance scales (Fig. 9a, Fig. 12).
+* ``tradeoff``: text alignment vs preservation of an editor over guidance scales (Fig. 9a,
+  Fig. 12).
 """
 
 from __future__ import annotations
@@ -33,14 +34,15 @@ ICD = "iCD 4 steps + P2P"
 
 
 def make_editors(components, pipes: dict[str, ICDPipeline], w_icd: float = W_ICD,
-                 tau: float = TAU_ICD, p2p: P2PSettings = P2PSettings(),
-                 nti_inner_steps: int = 10) -> dict:
-    """name -> editor(images, sources, targets, blend_words) -> editing.Edit."""
+                 tau: float = TAU_ICD, w_teacher: float = W_TEACHER,
+                 p2p: P2PSettings = P2PSettings(), nti_inner_steps: int = 10) -> dict:
+    """name -> editor(images, sources, targets, blend_words) -> editing.Edit; the iCD editors
+    guide with ``w_icd``, the teacher baselines with ``w_teacher``."""
     def icd(recipe):
         return lambda x, s, t, b: icd_edit(pipes[recipe], x, s, t, w_icd, tau, p2p, b)
 
     def teacher(method):
-        return lambda x, s, t, b: baseline_edit(components, x, s, t, method, W_TEACHER, p2p=p2p,
+        return lambda x, s, t, b: baseline_edit(components, x, s, t, method, w_teacher, p2p=p2p,
                                                 blend_words=b, nti_inner_steps=nti_inner_steps)
 
     return {ICD: icd("G"), "iCD 3 steps + P2P": icd("G3"),
@@ -149,20 +151,15 @@ def edit_timing(editors: dict, cases: list[toybench.EditCase], pipe: ICDPipeline
     return rows
 
 
-def tradeoff(perception: ToyPerception, pipes: dict[str, ICDPipeline], cases,
-             ws=(4.0, 8.0, 12.0, 16.0, 20.0), p2p: P2PSettings = P2PSettings(),
-             tau: float = TAU_ICD) -> list[dict]:
+def tradeoff(perception: ToyPerception, cases, editor_at, ws, label: str) -> list[dict]:
     """Text alignment (CLIP-T with the target) vs preservation (DinoV2-like to the source, and
-    background PSNR) of iCD editing over guidance scales, for each student pair in ``pipes``."""
-    source, _, _, sources, targets = toybench.case_batch(cases)
-    words = blend_words(cases)
+    background PSNR) of one editor over guidance scales: ``editor_at(w)`` is the editor at w."""
+    source = toybench.case_batch(cases)[0]
     rows = []
-    for recipe, pipe in pipes.items():
-        for w in ws:
-            edited = icd_edit(pipe, source, sources, targets, w, tau, p2p, words).images
-            summary = toybench.summarize(toybench.evaluate(perception, cases, edited))["all"]
-            rows.append({"recipe": recipe, "steps": pipe.boundaries.m, "w": w,
-                         "clip_t": summary["clip_t"], "bg_psnr": summary["bg_psnr"],
-                         "attribute_ok": summary["attribute_ok"],
-                         "dino_like": perception.dino_like(source, edited).mean().item()})
+    for w in ws:
+        edited, _ = run_editor(editor_at(w), cases, desc=f"{label}, w = {w:g}")
+        summary = toybench.summarize(toybench.evaluate(perception, cases, edited))["all"]
+        rows.append({"editor": label, "w": w, "clip_t": summary["clip_t"],
+                     "bg_psnr": summary["bg_psnr"], "attribute_ok": summary["attribute_ok"],
+                     "dino_like": perception.dino_like(source, edited).mean().item()})
     return rows

@@ -184,7 +184,11 @@ def test_guidance_trades_preservation_for_change_in_the_tradeoff(components, pip
 
     perception = ToyPerception(components.clip, components.tokenizer)
     cases = toybench.stratified_subset(toybench.load_toybench(), 2)
-    unguided, guided = editing_evaluation.tradeoff(perception, {"G": pipe}, cases, ws=(1.0, 8.0))
-    assert (unguided["w"], guided["w"], guided["steps"]) == (1.0, 8.0, 4)
+    def icd_at(w):
+        return editing_evaluation.make_editors(components, {"G": pipe}, w_icd=w)[
+            editing_evaluation.ICD]
+
+    unguided, guided = editing_evaluation.tradeoff(perception, cases, icd_at, (1.0, 8.0), "iCD")
+    assert (unguided["w"], guided["w"], guided["editor"]) == (1.0, 8.0, "iCD")
     assert guided["dino_like"] < unguided["dino_like"] - 0.05
     assert guided["bg_psnr"] < unguided["bg_psnr"] - 1.0
