@@ -12,16 +12,19 @@ prompt changes may move. In every attention layer, with probabilities
       target token j aligned to source token M(j); new tokens keep their own maps;
     - reweight: ``A_tgt[..., j] *= amplify`` for the chosen target words (no renormalisation);
 * self-attention, first ``self_fraction`` of the steps: ``A_tgt = A_src`` (only for maps of at
-  most 32x32 tokens, as P2P);
-* local blend (optional): after each step, ``x_tgt <- x_src + M * (x_tgt - x_src)``, where the
+  most 32x32 tokens, the iCD authors' setting; on SD1.5 that skips the 64x64 layers);
+* local blend (optional): after each step from ``blend_start`` of the steps on (P2P's 0.2: from
+  step 10 of 50, from step 0 of 4), ``x_tgt <- x_src + M * (x_tgt - x_src)``, where the
   mask M is the union over both branches of {cross-attention map of the blend words, summed over
   words, averaged over layers and heads, max-pooled 3x3, scaled to [0, 1]} > threshold. (P2P
   divides by the max only; the toy world's maps have a floor of ~0.6 of their max everywhere,
   so that would keep every pixel. Min-max scaling behaves the same on peaked SD maps.)
 
 Steps count P2P's way: step i of n is controlled while ``i < int(fraction * n)``, so with iCD's
-4 decoding steps cross 0.3 controls step 0 and self 0.6 steps 0 and 1. Only the conditional
-network pass is controlled: the unconditional pass of CFG runs inside ``controller.paused()``.
+4 decoding steps cross 0.3 controls step 0 and self 0.6 steps 0 and 1 (with 3 steps cross 0.3
+controls none). Only the conditional network pass is controlled: the teacher baselines run the
+unconditional pass of CFG inside ``controller.paused()``; the iCD students have no such pass
+(their guidance is an input embedding).
 
 ``attention_control(unet, controller)`` swaps every attention processor of a UNet for one that
 calls the controller (diffusers' public ``set_attn_processor`` API) and restores the originals on
@@ -90,6 +93,8 @@ def token_mapping(tokenizer, source: str, target: str, mode: str = "auto"):
 
 def word_positions(tokenizer, prompt: str, words) -> torch.Tensor:
     """Bool [L]: the token positions of ``words`` in the prompt (every occurrence)."""
+    if isinstance(words, str) or not all(isinstance(word, str) for word in words):
+        raise ValueError(f"words must be a tuple of words, e.g. ('circle',), got {words!r}")
     ids = tokenize(tokenizer, [prompt]).input_ids[0]
     selected = torch.zeros(len(ids), dtype=torch.bool)
     for word in words:
@@ -116,6 +121,10 @@ def _one_per_edit(value, batch: int, name: str) -> list:
     """None for every edit, or the given list, which must have one entry per edit."""
     if value is None:
         return [None] * batch
+    if isinstance(value, str):
+        raise ValueError(f"{name} must be a list with one entry per edit, got the string "
+                         f"{value!r}: e.g. [(('circle',), ('square',))] for blend_words of one "
+                         f"edit, [('blue',)] for amplify_words")
     value = list(value)
     if len(value) != batch:
         raise ValueError(f"{name} must be a list with one entry per edit ({batch}), got "
@@ -155,11 +164,15 @@ class PromptToPrompt:
         for i, (source, target, words) in enumerate(zip(sources, targets, amplify_words)):
             words = changed_words(source, target) if words is None else words
             self.equalizer[i, word_positions(tokenizer, target, words)] = amplify
+        blend_words = _one_per_edit(blend_words, batch, "blend_words")
+        for words in blend_words:
+            if words is not None and (isinstance(words, str) or len(words) != 2):
+                raise ValueError(f"each blend_words entry must be (source words, target words), "
+                                 f"e.g. (('circle',), ('square',)), or None; got {words!r}")
         self.blend = [
             None if words is None or not (words[0] or words[1]) else
             (word_positions(tokenizer, s, words[0]), word_positions(tokenizer, t, words[1]))
-            for s, t, words in zip(sources, targets,
-                                   _one_per_edit(blend_words, batch, "blend_words"))]
+            for s, t, words in zip(sources, targets, blend_words)]
         self.cross_steps = int(cross_fraction * num_steps)
         self.self_steps = int(self_fraction * num_steps)
         self.blend_from = int(blend_start * num_steps)

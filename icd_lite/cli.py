@@ -40,8 +40,8 @@ RECIPE_FOR_STEPS = {4: "G", 3: "G3"}
 
 EPILOG = """\
 Only the toy world is supported here: the commands load its shipped weights (no download).
-Stable Diffusion 1.5 is used through the Python API:
-    load_components("sd15") -> ICDPipeline(...) -> icd_lite.editing.icd_edit(...)
+Stable Diffusion 1.5 is used through the Python API, with students you distil yourself (no SD1.5
+students ship): load_components("sd15") -> ICDPipeline(...) -> icd_lite.editing.icd_edit(...)
 Run `python -m icd_lite <command> --help` for the options of each command."""
 
 
@@ -152,7 +152,10 @@ def run_edit(args) -> None:
     if args.reconstruction is not None:
         save_png(edit.reconstructions[0], args.reconstruction, args.scale)
         written += f" (reconstruction {args.reconstruction})"
-    print(f"edit: NFE {edit.nfe}, {edit.seconds:.2f} s, wrote {written}")
+    steps = pipeline.boundaries.m
+    print(f"edit: NFE {edit.nfe}, {edit.seconds:.2f} s, wrote {written}; P2P controlled "
+          f"cross-attention on {int(args.cross * steps)} and self-attention on "
+          f"{int(args.self_fraction * steps)} of {steps} steps")
 
 
 def run_invert(args) -> None:
@@ -279,15 +282,17 @@ def edit_parser(commands) -> None:
                                       "students edit best near 4 on ToyBench")
     parser.add_argument("--cross", type=fraction, default=0.3,
                         help="P2P cross-attention injection: the fraction of the decoding "
-                             "steps on which the target branch takes the source's word maps "
-                             "(default: %(default)s)")
+                             "steps on which the target branch takes the source's word maps, "
+                             "rounded down as P2P does (0.3 of 4 steps = 1 step, of 3 steps = "
+                             "none; the printed line says how many) (default: %(default)s)")
     parser.add_argument("--self", dest="self_fraction", type=fraction, default=0.6,
                         help="P2P self-attention injection: the fraction of the decoding steps "
                              "on which the target branch takes the source's self-attention "
                              "(default: %(default)s)")
     parser.add_argument("--amplify", type=positive_float, default=4.0,
                         help="P2P reweighting: factor on the cross-attention of the target's "
-                             "changed words, 1 = none (default: %(default)s)")
+                             "changed words, 1 = none; it acts on the --cross steps only "
+                             "(default: %(default)s)")
     parser.add_argument("--blend", nargs="+", metavar="WORD",
                         help="P2P local blend: the edited object's noun, e.g. '--blend circle' "
                              "(or '--blend circle square' for a shape change); only the region "
@@ -325,14 +330,16 @@ def generate_parser(commands) -> None:
                              "out_0.png, out_1.png, ... after it")
     parser.add_argument("--num-images", type=positive_int, default=1, metavar="N",
                         help="how many images, from one batch of noise (default: %(default)s)")
-    add_guidance_options(parser, 8.0, "8 is the scale of this repository's generation "
-                                      "experiments (notebook 03)")
+    add_guidance_options(parser, 4.0, "the paper generates with 8; the shipped toy students "
+                                      "generate best near 4 (shape / colour / background "
+                                      "accuracy 38 / 91 / 89 %% at w = 4 against 30 / 88 / 84 %% "
+                                      "at w = 8, 200 prompts)")
     add_common_options(parser, "seeds the initial noise")
     parser.set_defaults(run=run_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0].replace("``", ""),
                                      epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")

@@ -1,6 +1,6 @@
 r"""Text-guided image editing: iCD with Prompt-to-Prompt, and its baselines on the same teacher.
 
-iCD editing (spec section 5), about 7 network evaluations::
+iCD editing (spec section 5), 8 network evaluations with 4 steps, 6 with 3 ("around 7")::
 
     x_T  = fCD_m(image; source prompt, unguided)                       m NFE
     [x_src, x_tgt] <- [x_T, x_T]
@@ -71,8 +71,28 @@ class P2PSettings:
 def _prompt_pairs(components, images, sources, targets):
     """One source and one target prompt per image, as the text encoder reads them (checked)."""
     batch = len(images)
-    return (components.clean_prompts(as_prompts(sources, batch)),
-            components.clean_prompts(as_prompts(targets, batch)))
+    sources = components.clean_prompts(as_prompts(sources, batch))
+    targets = components.clean_prompts(as_prompts(targets, batch))
+    if not all(sources) or not all(targets):
+        raise ValueError("an edit needs a non-empty source prompt (what the image shows) and a "
+                         "non-empty target prompt (the same prompt with the edit made)")
+    return sources, targets
+
+
+def _clean_words(components, words_per_edit, depth: int):
+    """Blend or amplify words as the prompts are cleaned (lower case, vocabulary checked):
+    ``depth`` 2 for blend words ((source words, target words) per edit), 1 for amplify words."""
+    if words_per_edit is None or isinstance(words_per_edit, str):
+        return words_per_edit  # None, or a string that PromptToPrompt rejects with its example
+
+    def clean(words, depth):
+        if words is None or isinstance(words, str):
+            return words
+        if depth == 1:
+            return tuple(components.clean_prompts(list(words)))
+        return tuple(clean(side, depth - 1) for side in words)
+
+    return [clean(words, depth) for words in words_per_edit]
 
 
 @torch.no_grad()
@@ -81,16 +101,19 @@ def icd_edit(pipeline: ICDPipeline, images: torch.Tensor, sources, targets, w: f
              amplify_words=None, seed: int = 0) -> Edit:
     """iCD editing of a batch of images (see the module docstring); w is classical (1 = none;
     the authors' SD1.5 scripts use 20, the toy students edit best near 4: see
-    ``editing_evaluation.W_ICD``).
+    ``editing_evaluation.W_ICD``); ``tau`` = None guides every step with w; ``seed`` seeds the
+    noise that takes the image to t = 19 before encoding.
 
-    ``blend_words``: per edit, (source words, target words) for P2P's local blend, or None;
-    ``amplify_words``: per edit, target words to reweight (default: the words that changed).
+    ``blend_words``: a list with, per edit, (source words, target words) for P2P's local blend,
+    or None, e.g. [(("circle",), ("square",))]; ``amplify_words``: a list with, per edit, the
+    target words to reweight, e.g. [("blue",)] (default: the words that changed).
     """
     begin = time.perf_counter()
     components, batch = pipeline.components, len(images)
     sources, targets = _prompt_pairs(components, images, sources, targets)
     controller = p2p.controller(components.tokenizer, sources, targets, pipeline.boundaries.m,
-                                blend_words, amplify_words)
+                                _clean_words(components, blend_words, 2),
+                                _clean_words(components, amplify_words, 1))
     cond = components.encode_prompt(sources + targets)  # [sources; targets], encoded once
     noise, encoder_nfe = pipeline.encode_latents(components.encode_images(images), cond[:batch],
                                                  seed)
@@ -110,7 +133,8 @@ def icd_edit(pipeline: ICDPipeline, images: torch.Tensor, sources, targets, w: f
 def prompt_switch_edit(pipeline: ICDPipeline, images: torch.Tensor, sources, targets,
                        w: float = 8.0, tau: float = 0.7, seed: int = 0) -> Edit:
     """Encode with the source prompt, decode with the target prompt under dynamic CFG (w, tau);
-    on the unguided steps the source prompt's embeddings stand in for the target's."""
+    on the unguided steps the source prompt's embeddings stand in for the target's (so with
+    w = 1 every step is unguided and the result is the reconstruction)."""
     begin = time.perf_counter()
     components = pipeline.components
     sources, targets = _prompt_pairs(components, images, sources, targets)
@@ -161,8 +185,9 @@ def baseline_edit(components, images: torch.Tensor, sources, targets, method: st
         x_T = ddim_invert(model, z0, source_cond, null, steps=steps)
         uncond = source_cond if method == "npi" else null
         unconds = [uncond.repeat(2, 1, 1)] * steps
-    controller = p2p.controller(components.tokenizer, sources, targets, steps, blend_words,
-                                amplify_words)
+    controller = p2p.controller(components.tokenizer, sources, targets, steps,
+                                _clean_words(components, blend_words, 2),
+                                _clean_words(components, amplify_words, 1))
     with torch.no_grad(), attention_control(components.unet, controller):
         x = p2p_ddim_decode(model, x_T.repeat(2, 1, 1, 1), torch.cat([source_cond, target_cond]),
                             unconds, classical_to_code(w), controller, steps)

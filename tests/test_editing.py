@@ -192,3 +192,20 @@ def test_guidance_trades_preservation_for_change_in_the_tradeoff(components, pip
     assert (unguided["w"], guided["w"], guided["editor"]) == (1.0, 8.0, "iCD")
     assert guided["dino_like"] < unguided["dino_like"] - 0.05
     assert guided["bg_psnr"] < unguided["bg_psnr"] - 1.0
+
+
+def test_malformed_edit_arguments_get_errors_that_show_the_expected_form(pipe, image):
+    with pytest.raises(ValueError, match=r"one entry per edit.*\(\('circle',\), \('square',\)\)"):
+        icd_edit(pipe, image, SOURCE, TARGET, blend_words="circle")
+    with pytest.raises(ValueError, match="each blend_words entry must be"):
+        icd_edit(pipe, image, SOURCE, TARGET, blend_words=[("circle", "circle", "circle")])
+    with pytest.raises(ValueError, match="tuple of words"):
+        icd_edit(pipe, image, SOURCE, TARGET, blend_words=[("circle", "circle")])
+    with pytest.raises(ValueError, match="non-empty target prompt"):
+        icd_edit(pipe, image, SOURCE, "")
+
+
+def test_blend_words_are_read_like_the_prompts(pipe, image):
+    upper = icd_edit(pipe, image, SOURCE.upper(), TARGET, blend_words=[(("CIRCLE",), ("Circle",))])
+    lower = icd_edit(pipe, image, SOURCE, TARGET, blend_words=[(("circle",), ("circle",))])
+    torch.testing.assert_close(upper.images, lower.images)
