@@ -3,7 +3,7 @@ r"""The editing experiments: every editor on the same ToyBench cases, its speed,
 * ``make_editors``: iCD (4 and 3 steps, with P2P; 4 steps with prompt switching) and the teacher
   baselines DDIM50 + P2P, NPI + P2P, NTI + P2P, all with the same signature;
 * ``toybench_results``: the PIE-Bench-style metrics of ``toybench.evaluate`` per editor, per edit
-  type and overall, plus the DinoV2-like similarity to the source (the paper's Fig. 9a axis);
+  type and overall;
 * ``edit_timing``: seconds and NFE of one edit at a time, side by side in this process, as ratios
   to iCD; and iCD's wall time against the bare cost of its network evaluations (the same 8
   student calls on the same shapes, without hooks, VAE or text encoder);
@@ -70,7 +70,7 @@ def run_editor(editor, cases: list[toybench.EditCase], batch: int = 50, desc: st
 
 def toybench_results(perception: ToyPerception, editors: dict, cases, per_type: dict | None = None,
                      batch: int = 50) -> dict:
-    """name -> {"cases", "nfe", "summary" (toybench.summarize + "dino_like"), "rows"}.
+    """name -> {"cases", "nfe", "summary" (``toybench.summarize``), "rows", "images"}.
 
     ``per_type`` maps an editor to the cases per edit type it sees (a stratified subset, for the
     slow ones); the others see every case.
@@ -82,15 +82,8 @@ def toybench_results(perception: ToyPerception, editors: dict, cases, per_type: 
             subset = toybench.stratified_subset(cases, per_type[name])
         edited, nfe = run_editor(editor, subset, batch, desc=name)
         rows = toybench.evaluate(perception, subset, edited)
-        dino = perception.dino_like(toybench.case_batch(subset)[0], edited)
-        for row, value in zip(rows, dino.tolist()):
-            row["dino_like"] = value
-        summary = toybench.summarize(rows)
-        for group, values in summary.items():
-            values["dino_like"] = sum(r["dino_like"] for r in rows
-                                      if group in ("all", r["edit_type"])) / values["cases"]
-        results[name] = {"cases": len(subset), "nfe": nfe, "summary": summary, "rows": rows,
-                         "images": edited}
+        results[name] = {"cases": len(subset), "nfe": nfe, "summary": toybench.summarize(rows),
+                         "rows": rows, "images": edited}
     return results
 
 
@@ -154,12 +147,10 @@ def edit_timing(editors: dict, cases: list[toybench.EditCase], pipe: ICDPipeline
 def tradeoff(perception: ToyPerception, cases, editor_at, ws, label: str) -> list[dict]:
     """Text alignment (CLIP-T with the target) vs preservation (DinoV2-like to the source, and
     background PSNR) of one editor over guidance scales: ``editor_at(w)`` is the editor at w."""
-    source = toybench.case_batch(cases)[0]
     rows = []
     for w in ws:
         edited, _ = run_editor(editor_at(w), cases, desc=f"{label}, w = {w:g}")
         summary = toybench.summarize(toybench.evaluate(perception, cases, edited))["all"]
-        rows.append({"editor": label, "w": w, "clip_t": summary["clip_t"],
-                     "bg_psnr": summary["bg_psnr"], "attribute_ok": summary["attribute_ok"],
-                     "dino_like": perception.dino_like(source, edited).mean().item()})
+        rows.append({"editor": label, "w": w, **{key: summary[key] for key in (
+            "clip_t", "dino_like", "bg_psnr", "attribute_ok")}})
     return rows

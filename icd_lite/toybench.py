@@ -11,6 +11,7 @@ rendered image and mask: ``python -m icd_lite.toybench --write`` regenerates it,
 * background PSNR / MSE / SSIM / LPIPS, outside the edit mask -> the same outside the *exact*
   mask (``metrics.masked_*``, ``ssim``, ``lpips_like``);
 * CLIP similarity of the whole / the edited region with the target prompt -> ``clip_t``;
+* the paper's editing axis of preservation, DinoV2 similarity to the source -> ``dino_like``;
 * and, only here: ``psnr_target`` against the exact target image, and ``attribute_ok``.
 """
 
@@ -38,7 +39,7 @@ DEFAULT_PATH = Path(__file__).parent / "world" / "toybench.json"
 SEED, PER_TYPE = 0, 50
 REGENERATE = "regenerate it with `python -m icd_lite.toybench --write`"
 METRICS = ("structure", "bg_psnr", "bg_lpips", "bg_mse", "bg_ssim", "clip_t", "clip_t_edited",
-           "psnr_target", "attribute_ok")
+           "dino_like", "psnr_target", "attribute_ok")
 
 
 @dataclass(frozen=True)
@@ -283,6 +284,7 @@ def evaluate(perception: metrics.ToyPerception, cases: list[EditCase],
         "bg_ssim": metrics.ssim(bg_edited, bg_source, keep=keep),
         "clip_t": perception.clip_t(edited, prompts),
         "clip_t_edited": perception.clip_t(edited * mask[:, None], prompts),
+        "dino_like": perception.dino_like(source, edited),
         "psnr_target": metrics.psnr(edited, target),
         "attribute_ok": attribute_correct(perception, cases, edited),
     }
