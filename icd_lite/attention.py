@@ -20,9 +20,9 @@ prompt changes may move. In every attention layer, with probabilities
   divides by the max only; the toy world's maps have a floor of ~0.6 of their max everywhere,
   so that would keep every pixel. Min-max scaling behaves the same on peaked SD maps.)
 
-Steps count P2P's way: step i of n is controlled while ``i < int(fraction * n)``, so with iCD's
-4 decoding steps cross 0.3 controls step 0 and self 0.6 steps 0 and 1 (with 3 steps cross 0.3
-controls none). Only the conditional network pass is controlled: the teacher baselines run the
+Steps count P2P's way (``controlled_steps``): step i of n is controlled while
+``i < int(fraction * n)``, so with iCD's 4 decoding steps cross 0.3 controls step 0 and self 0.6
+steps 0 and 1 (with 3 steps cross 0.3 controls none). Only the conditional network pass is controlled: the teacher baselines run the
 unconditional pass of CFG inside ``controller.paused()``; the iCD students have no such pass
 (their guidance is an input embedding).
 
@@ -43,6 +43,12 @@ import torch.nn.functional as F
 from .world.text import tokenize
 
 SELF_MAX_TOKENS = 32 * 32
+
+
+def controlled_steps(fraction: float, num_steps: int) -> int:
+    """How many of ``num_steps`` steps a control fraction covers, P2P's way: int(fraction * n),
+    so steps 0 ... that - 1 are controlled."""
+    return int(fraction * num_steps)
 
 
 class AlignmentError(ValueError):
@@ -173,9 +179,9 @@ class PromptToPrompt:
             None if words is None or not (words[0] or words[1]) else
             (word_positions(tokenizer, s, words[0]), word_positions(tokenizer, t, words[1]))
             for s, t, words in zip(sources, targets, blend_words)]
-        self.cross_steps = int(cross_fraction * num_steps)
-        self.self_steps = int(self_fraction * num_steps)
-        self.blend_from = int(blend_start * num_steps)
+        self.cross_steps = controlled_steps(cross_fraction, num_steps)
+        self.self_steps = controlled_steps(self_fraction, num_steps)
+        self.blend_from = controlled_steps(blend_start, num_steps)
         self.blend_threshold = blend_threshold
         self.batch = batch
         self.step, self.active = -1, True

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from .attention import controlled_steps
 from .distill import load_pipeline
 from .editing import P2PSettings, icd_edit
 from .metrics import psnr
@@ -154,8 +155,8 @@ def run_edit(args) -> None:
         written += f" (reconstruction {args.reconstruction})"
     steps = pipeline.boundaries.m
     print(f"edit: NFE {edit.nfe}, {edit.seconds:.2f} s, wrote {written}; P2P controlled "
-          f"cross-attention on {int(args.cross * steps)} and self-attention on "
-          f"{int(args.self_fraction * steps)} of {steps} steps")
+          f"cross-attention on {controlled_steps(args.cross, steps)} and self-attention on "
+          f"{controlled_steps(args.self_fraction, steps)} of {steps} steps")
 
 
 def run_invert(args) -> None:
@@ -266,9 +267,9 @@ def edit_parser(commands) -> None:
                     "decode twice in one batch: the source branch (unguided) reconstructs the "
                     "image, the target branch follows the target prompt under dynamic CFG, and "
                     "Prompt-to-Prompt lends it the source branch's attention maps.",
-        epilog="example: python -m icd_lite edit --image in.png --source \"a small red circle "
-               "on a gray background\" --target \"a small blue circle on a gray background\" "
-               "--blend circle --out out.png")
+        epilog="example: python -m icd_lite edit --image in.png --source \"a large green "
+               "square on a white background\" --target \"a large purple square on a white "
+               "background\" --blend square --out out.png")
     parser.add_argument("--image", type=Path, required=True, help="the image to edit (any "
                         "format PIL reads; converted to 32x32 RGB with a warning if needed)")
     parser.add_argument("--source", required=True, help="a prompt that describes the image, "
@@ -339,8 +340,8 @@ def generate_parser(commands) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0].replace("``", ""),
-                                     epilog=EPILOG,
+    description = __doc__.split("\n")[0].replace("``", "")
+    parser = argparse.ArgumentParser(prog=PROG, description=description, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
     for add in (edit_parser, invert_parser, generate_parser):

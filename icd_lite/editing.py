@@ -79,20 +79,26 @@ def _prompt_pairs(components, images, sources, targets):
     return sources, targets
 
 
-def _clean_words(components, words_per_edit, depth: int):
-    """Blend or amplify words as the prompts are cleaned (lower case, vocabulary checked):
-    ``depth`` 2 for blend words ((source words, target words) per edit), 1 for amplify words."""
-    if words_per_edit is None or isinstance(words_per_edit, str):
-        return words_per_edit  # None, or a string that PromptToPrompt rejects with its example
+def _cleaned(components, words):
+    """A tuple of words read like the prompts (lower case, vocabulary checked); None or a
+    malformed value passes through, for PromptToPrompt to reject with the expected form."""
+    if words is None or isinstance(words, str):
+        return words
+    return tuple(components.clean_prompts(list(words)))
 
-    def clean(words, depth):
-        if words is None or isinstance(words, str):
-            return words
-        if depth == 1:
-            return tuple(components.clean_prompts(list(words)))
-        return tuple(clean(side, depth - 1) for side in words)
 
-    return [clean(words, depth) for words in words_per_edit]
+def _controller(p2p: P2PSettings, components, sources, targets, num_steps: int, blend_words,
+                amplify_words) -> PromptToPrompt:
+    """The P2P controller of a batch of edits, its blend and amplify words read like the
+    prompts."""
+    if blend_words is not None and not isinstance(blend_words, str):
+        blend_words = [pair if pair is None or isinstance(pair, str)
+                       else tuple(_cleaned(components, side) for side in pair)
+                       for pair in blend_words]
+    if amplify_words is not None and not isinstance(amplify_words, str):
+        amplify_words = [_cleaned(components, words) for words in amplify_words]
+    return p2p.controller(components.tokenizer, sources, targets, num_steps, blend_words,
+                          amplify_words)
 
 
 @torch.no_grad()
@@ -111,9 +117,8 @@ def icd_edit(pipeline: ICDPipeline, images: torch.Tensor, sources, targets, w: f
     begin = time.perf_counter()
     components, batch = pipeline.components, len(images)
     sources, targets = _prompt_pairs(components, images, sources, targets)
-    controller = p2p.controller(components.tokenizer, sources, targets, pipeline.boundaries.m,
-                                _clean_words(components, blend_words, 2),
-                                _clean_words(components, amplify_words, 1))
+    controller = _controller(p2p, components, sources, targets, pipeline.boundaries.m,
+                             blend_words, amplify_words)
     cond = components.encode_prompt(sources + targets)  # [sources; targets], encoded once
     noise, encoder_nfe = pipeline.encode_latents(components.encode_images(images), cond[:batch],
                                                  seed)
@@ -185,9 +190,8 @@ def baseline_edit(components, images: torch.Tensor, sources, targets, method: st
         x_T = ddim_invert(model, z0, source_cond, null, steps=steps)
         uncond = source_cond if method == "npi" else null
         unconds = [uncond.repeat(2, 1, 1)] * steps
-    controller = p2p.controller(components.tokenizer, sources, targets, steps,
-                                _clean_words(components, blend_words, 2),
-                                _clean_words(components, amplify_words, 1))
+    controller = _controller(p2p, components, sources, targets, steps, blend_words,
+                             amplify_words)
     with torch.no_grad(), attention_control(components.unet, controller):
         x = p2p_ddim_decode(model, x_T.repeat(2, 1, 1, 1), torch.cat([source_cond, target_cond]),
                             unconds, classical_to_code(w), controller, steps)
