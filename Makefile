@@ -53,12 +53,14 @@ clean:
 train: train-world train-students
 
 # The toy world (~45 min on 2 CPU cores); resumes if interrupted.
-# CLIP and the VAE are independent: they train side by side, one core each; then the teacher.
+# CLIP and the VAE are independent: they train side by side, one core each; then CLIP's image
+# tower on decoded images; then the teacher.
 train-world: $(STAMP)
 	@mkdir -p build
 	$(PY) -m icd_lite.world.train --stage clip --threads 1 > build/train_clip.log 2>&1 & clip=$$!; \
 	$(PY) -m icd_lite.world.train --stage vae --threads 1 || exit 1; \
 	wait $$clip || { echo "CLIP training failed: see build/train_clip.log"; exit 1; }
+	$(PY) -m icd_lite.world.train --stage clip-decoded --threads 2
 	$(PY) -m icd_lite.world.train --stage teacher --threads 2
 
 # The student pairs of the paper's ablations (recipes A B C E F G G3, see icd_lite/distill.py), one

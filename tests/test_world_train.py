@@ -125,3 +125,39 @@ def test_training_time_is_summed_over_resumed_runs(tmp_path, monkeypatch):
     first = checkpoints.saved_seconds(tmp_path / "toy.safetensors")
     tiny_stage(tmp_path, 6, monkeypatch, save_every=2)
     assert checkpoints.saved_seconds(tmp_path / "toy.safetensors") > first > 0
+
+
+def test_clip_decoded_stage_tunes_the_image_tower_only(tmp_path, monkeypatch):
+    """Stage 3 trains the image tower on real and decoded images; the text tower (the teacher's
+    text encoder) stays bit-identical, and the manifest sums both stages' minutes."""
+    from icd_lite.world.models import build_clip, build_vae
+    from icd_lite.world.scenes import make_dataset
+    from icd_lite.world.text import build_tokenizer
+
+    weights = tmp_path / "weights"
+    monkeypatch.setattr(train, "CHECKPOINT_DIR", tmp_path / "train")
+    monkeypatch.setattr(checkpoints, "WEIGHTS_DIR", weights)
+    monkeypatch.setattr(checkpoints, "MANIFEST", weights / "manifest.json")
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    clip = build_clip(tokenizer)
+    train.ship("clip", clip, "python -m icd_lite.world.train --stage clip", train_minutes=2.0)
+    text_before = copy.deepcopy(clip.text_model.state_dict())
+    vision_before = copy.deepcopy(clip.vision_model.state_dict())
+    images, captions, _ = make_dataset(8, seed=5)
+
+    train.finetune_clip_on_decoded(clip, build_vae().eval(), images, captions, tokenizer,
+                                   steps=2, batch=4, save_every=2, command="stage 3")
+    for name, value in clip.text_model.state_dict().items():
+        assert torch.equal(value, text_before[name]), name
+    assert any(not torch.equal(value, vision_before[name])
+               for name, value in clip.vision_model.state_dict().items())
+    entry = checkpoints.read_manifest()["clip.safetensors"]
+    assert entry["command"] == "python -m icd_lite.world.train --stage clip"
+    assert entry["decoded_command"] == "stage 3" and entry["contrastive_minutes"] == 2.0
+    assert entry["train_minutes"] == round(2.0 + entry["decoded_minutes"], 1)
+
+    (tmp_path / "train" / "clip_decoded.safetensors").unlink()
+    with pytest.raises(RuntimeError, match="already fine-tuned.*--stage clip"):
+        train.finetune_clip_on_decoded(clip, build_vae().eval(), images, captions, tokenizer,
+                                       steps=2, batch=4, save_every=2, command="again")
