@@ -1,5 +1,5 @@
-r"""Inversion baselines on the same teacher (spec section 6): DDIM, null-text and negative-prompt
-inversion.
+r"""Inversion baselines on the same teacher (method.md section 6): DDIM, null-text and
+negative-prompt inversion.
 
 All three first run DDIM inversion of the teacher (unguided, 50 steps): z0 -> x_999, then decode
 with 50 guided DDIM steps. They differ in the unconditional input of CFG while decoding::

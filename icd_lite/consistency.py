@@ -76,7 +76,7 @@ def encode(student: Student, x0: torch.Tensor, boundaries: Boundaries, cond,
            schedule: NoiseSchedule = SD15_SCHEDULE, start: int = 19,
            generator: torch.Generator | None = None, callback=None,
            disable=True) -> torch.Tensor:
-    """fCD_m: data -> noise in m jumps, always unguided (spec section 5).
+    """fCD_m: data -> noise in m jumps, always unguided (method.md section 5).
 
     x0 is first noised to t = ``start`` (19) with seeded eps, since the students are trained on
     the DDIM grid and never see t = 0; then (19 -> b_1 -> ... -> 999).

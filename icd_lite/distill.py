@@ -5,10 +5,10 @@ r"""Invertible consistency distillation of a teacher UNet into a forward / rever
 
 Both students start as the teacher (``students.student_from_teacher``); each iteration draws a
 batch (z0, c) and applies the four updates of ``losses.icd_training_step`` in the paper's order
-(spec section 4). Optimizer: AdamW with a constant learning rate and gradient clipping 1.0, as the
-release. Every ``--eval-every`` steps the pair is measured on held-out scenes (the curves of the
-paper's Fig. 11): the reconstruction MSE of encode -> decode at w = 1, and the Frechet distance of
-images generated at w = 8 with dynamic CFG to real images. Checkpoints are resumable
+(method.md section 4). Optimizer: AdamW with a constant learning rate and gradient clipping 1.0, as
+the release. Every ``--eval-every`` steps the pair is measured on held-out scenes (the curves of
+the paper's Fig. 11): the reconstruction MSE of encode -> decode at w = 1, and the Frechet distance
+of images generated at w = 8 with dynamic CFG to real images. Checkpoints are resumable
 safetensors under ``build/train/students/``; the final weights are stored as float16 next to the
 toy world's (``icd_lite/world/weights/student_<recipe>_{forward,reverse}.safetensors``), recorded
 in its manifest, with the training curve as JSON.

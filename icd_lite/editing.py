@@ -1,6 +1,6 @@
 r"""Text-guided image editing: iCD with Prompt-to-Prompt, and its baselines on the same teacher.
 
-iCD editing (spec section 5), 8 network evaluations with 4 steps, 6 with 3 ("around 7")::
+iCD editing (method.md section 5), 8 network evaluations with 4 steps, 6 with 3 ("around 7")::
 
     x_T  = fCD_m(image; source prompt, unguided)                       m NFE
     [x_src, x_tgt] <- [x_T, x_T]
@@ -14,7 +14,7 @@ prompt under dynamic CFG w(t) (guidance only for t / T <= tau). ``prompt_switch_
 paper's SDXL recipe without attention control: decode with the target prompt alone, and on the
 unguided steps (t / T > tau) let the source prompt stand in for it.
 
-Baselines (spec section 6), P2P on a 50-step DDIM decoding of the teacher with CFG on both
+Baselines (method.md section 6), P2P on a 50-step DDIM decoding of the teacher with CFG on both
 branches, ``eps = eps(x, c) + w_code (eps(x, c) - eps(x, u))``, after an unguided DDIM inversion:
 
 * ``"ddim"``: u = the null prompt (P2P on DDIM inversion);
@@ -54,7 +54,7 @@ class Edit:
 
 @dataclass(frozen=True)
 class P2PSettings:
-    """The attention-control knobs (see ``attention.py``); defaults follow the spec."""
+    """The attention-control knobs (see ``attention.py``); defaults follow method.md section 5."""
 
     cross_fraction: float = 0.3
     self_fraction: float = 0.6

@@ -24,11 +24,11 @@ from .editing import P2PSettings, baseline_edit, icd_edit, prompt_switch_edit
 from .metrics import ToyPerception
 from .pipeline import ICDPipeline
 
-# The authors' benchmark scripts use w = 20 (w_code 19), tau 0.8 (spec section 5). The toy
+# The authors' benchmark scripts use w = 20 (w_code 19), tau 0.8 (method.md section 5). The toy
 # students edit best near w = 4: on 48 ToyBench cases CLIP-T 0.696 / 0.562 / 0.482 at w = 4 / 8 /
 # 20, attribute accuracy 0.625 / 0.583 / 0.542, background PSNR 26.6 / 24.3 / 23.1 dB.
 W_ICD, TAU_ICD = 4.0, 0.8
-W_TEACHER = 7.5  # P2P's CFG scale for the 50-step baselines (spec section 6)
+W_TEACHER = 7.5  # P2P's CFG scale for the 50-step baselines (method.md section 6)
 W_SWITCH, TAU_SWITCH = 8.0, 0.7  # the paper's SDXL recipe (tau 0.7)
 ICD = "iCD 4 steps + P2P"
 

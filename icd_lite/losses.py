@@ -1,4 +1,5 @@
-r"""The losses of invertible consistency distillation (paper section 3, eqs. 2-5; spec section 4).
+r"""The losses of invertible consistency distillation (paper section 3, eqs. 2-5; method.md
+section 4).
 
 Written against plain callables, so the same code distils a 2D MLP or a UNet:
 
@@ -60,8 +61,8 @@ def reverse_cd_loss(student, teacher, x0, eps, cond, null_cond, boundaries: Boun
                     w_code_choices=(0.0, 7.0, 11.0, 15.0, 19.0), generator=None,
                     schedule: NoiseSchedule = SD15_SCHEDULE, huber_c: float = 1e-3,
                     num_ddim_steps: int = 50) -> torch.Tensor:
-    """Reverse CD (spec 4.1): n ~ U{0..49}, t = ddim_t[n], t' = max(t - 20, 0),
-    s = max{e in reverse boundaries : e <= t'}, w_code ~ U(w_code_choices)."""
+    """Reverse CD (method.md section 4, loss 1): n ~ U{0..49}, t = ddim_t[n],
+    t' = max(t - 20, 0), s = max{e in reverse boundaries : e <= t'}, w_code ~ U(w_code_choices)."""
     check_w_code(torch.as_tensor(w_code_choices))
     grid = torch.tensor([0] + ddim_timesteps(num_ddim_steps), device=x0.device)
     n = torch.randint(num_ddim_steps, (x0.shape[0],), generator=generator).to(x0.device)
@@ -85,7 +86,7 @@ def reverse_cd_loss(student, teacher, x0, eps, cond, null_cond, boundaries: Boun
 def forward_cd_loss(student, teacher, x0, eps, cond, boundaries: Boundaries, generator=None,
                     schedule: NoiseSchedule = SD15_SCHEDULE, huber_c: float = 1e-3,
                     num_ddim_steps: int = 50) -> torch.Tensor:
-    """Forward CD (spec 4.2): n ~ U{0..48}, t = ddim_t[n], t' = t + 20,
+    """Forward CD (method.md section 4, loss 2): n ~ U{0..48}, t = ddim_t[n], t' = t + 20,
     s = min{e in forward boundaries : e >= t'}; unguided inverse DDIM step of the teacher."""
     grid = torch.tensor(ddim_timesteps(num_ddim_steps), device=x0.device)
     n = torch.randint(num_ddim_steps - 1, (x0.shape[0],), generator=generator).to(x0.device)
@@ -139,7 +140,7 @@ def reverse_preservation_loss(forward_student, reverse_student, x0, eps, cond,
 
 @dataclass
 class ICDConfig:
-    """Hyper-parameters of one iCD run (defaults: the SD1.5 release, spec section 4).
+    """Hyper-parameters of one iCD run (defaults: the SD1.5 release, method.md section 4).
 
     ``lambda_f = 0`` / ``lambda_r = 0`` switch a preservation loss off, and ``forward_cd =
     False`` trains the forward model by L_f alone (configuration E of Table 2): the paper's

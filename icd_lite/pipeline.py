@@ -1,7 +1,7 @@
 r"""The iCD pipeline: encode an image to noise, decode noise to an image, generate from a prompt.
 
 A distilled pair of students (see ``distill.py``) gives three operations, each in m network
-evaluations (NFE) with m boundaries (spec section 5)::
+evaluations (NFE) with m boundaries (method.md section 5)::
 
     encode:    z0 = E(image);  x_19 = alpha_19 z0 + sigma_19 eps;  x_19 -> b_1 -> ... -> x_999
                forward model fCD_m, unguided, source prompt

@@ -17,8 +17,9 @@ Distillation works on the 50-step DDIM grid ``ddim_t = [19, 39, ..., 999]`` (20 
 * reverse boundaries (decoder CD_m):  [0, b_1, ..., b_{m-1}]
 * forward boundaries (encoder fCD_m): [b_1, ..., b_{m-1}, 999]
 
-Default rule (spec section 3): interval = ceil(50 / m); the b_i are the DDIM timesteps at indices
-``arange(interval, 50, interval) - 1``. So m = 4 gives [0, 259, 519, 779] / [259, 519, 779, 999].
+Default rule (method.md section 3): interval = ceil(50 / m); the b_i are the DDIM timesteps at
+indices ``arange(interval, 50, interval) - 1``. So m = 4 gives [0, 259, 519, 779] / [259, 519, 779,
+999].
 """
 
 from __future__ import annotations
@@ -132,13 +133,13 @@ class Boundaries:
         return len(self.reverse)
 
     def reverse_target(self, t: torch.Tensor) -> torch.Tensor:
-        """s = max{e in reverse : e <= t}: where CD_m maps a point at time t (spec 4.1)."""
+        """s = max{e in reverse : e <= t}: where CD_m maps a point at time t."""
         edges = torch.tensor(self.reverse, device=torch.as_tensor(t).device)
         index = torch.searchsorted(edges, torch.as_tensor(t), right=True) - 1
         return edges[index]
 
     def forward_target(self, t: torch.Tensor) -> torch.Tensor:
-        """s = min{e in forward : e >= t}: where fCD_m maps a point at time t (spec 4.2)."""
+        """s = min{e in forward : e >= t}: where fCD_m maps a point at time t."""
         edges = torch.tensor(self.forward, device=torch.as_tensor(t).device)
         index = torch.searchsorted(edges, torch.as_tensor(t), right=False)
         return edges[index.clamp(max=len(edges) - 1)]
@@ -157,7 +158,7 @@ class Boundaries:
 
 
 def default_boundaries(m: int, num_ddim_steps: int = DDIM_STEPS) -> Boundaries:
-    """Boundaries for m segments by the rule of the authors' code (spec section 3)."""
+    """Boundaries for m segments by the rule of the authors' code (method.md section 3)."""
     if not isinstance(m, int) or not 1 <= m <= num_ddim_steps:
         raise ValueError(f"m (the number of segments) must be an integer in [1, {num_ddim_steps}] "
                          f"(the DDIM grid size), got {m!r}")

@@ -1,6 +1,6 @@
 """iCD students on a UNet: the teacher's UNet plus a guidance embedding, as full copies or LoRA.
 
-Both students of iCD start as copies of the teacher (spec section 3). The reverse student also
+Both students of iCD start as copies of the teacher (method.md section 3). The reverse student also
 reads the guidance scale: LCM's recipe adds a linear layer ``time_embedding.cond_proj`` that maps
 the sinusoidal embedding of ``w_code * 1000`` (``guidance.guidance_embedding``) into the
 timestep embedding (``UNet2DConditionModel(time_cond_proj_dim=...)``, input ``timestep_cond``).
@@ -11,7 +11,7 @@ Initialising that layer to zero makes the student *exactly* the teacher at step 
 UNet sees t (and w), not s: the boundary is a function of t on the DDIM grid.
 
 On SD1.5 the students are LoRA adapters (rank 64 on the layers listed in ``SD15_LORA_TARGETS``,
-spec section 3), added with peft through diffusers' ``add_adapter``.
+method.md section 3), added with peft through diffusers' ``add_adapter``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def student_from_teacher(teacher: UNet2DConditionModel, embedding_dim: int | Non
     """A full copy of the teacher with a zero-initialised guidance projection.
 
     ``embedding_dim`` defaults to min(512, twice the first block's width): 512 on SD1.5, as in
-    the spec, and 128 on the toy UNet.
+    method.md section 2, and 128 on the toy UNet.
     """
     if teacher.config.time_cond_proj_dim is not None:
         raise ValueError("the teacher already has a guidance embedding (time_cond_proj_dim); "

@@ -12,8 +12,8 @@ to ``build/train/`` every ``--save-every`` steps, and at the end copies its fina
    (image, caption) pairs, as CLIP was. Its text tower becomes the frozen text encoder.
 2. VAE: AutoencoderKL, L1 reconstruction of the posterior *mean* + 1e-6 KL (SD's first stage
    without its GAN and LPIPS terms; decoding the mean rather than a sample converges several
-   times faster on a CPU budget, and encoding always uses the mean anyway, spec section 5). The
-   latent scaling factor is then measured as 1 / std of the latents, as SD's 0.18215 was.
+   times faster on a CPU budget, and encoding always uses the mean anyway, method.md section
+   5). The latent scaling factor is then measured as 1 / std of the latents, as SD's 0.18215 was.
 3. CLIP on decoded images: every image the teacher and the students make leaves through the
    VAE decoder, which softens corners. The CLIP of stage 1 named the shape of 97 % of held-out
    real images but of only 86 % of their VAE reconstructions (measured), so it under-counted every
