@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from icd_lite.bench import single_object_scenes
 from icd_lite.components import load_components
+from icd_lite.metrics import ToyPerception
 from icd_lite.world import checkpoints
 from icd_lite.world.scenes import make_dataset
 
@@ -49,9 +51,6 @@ def test_teacher_predicts_noise_better_than_chance(toy):
 def test_clip_reads_decoded_images_almost_as_well_as_real_ones(toy):
     """Every generated image leaves through the VAE decoder; the CLIP's third training stage
     (decoded images) raised its shape accuracy on reconstructions from 86 % to ~94 %."""
-    from icd_lite.bench import single_object_scenes
-    from icd_lite.metrics import ToyPerception
-
     scenes, _, real = single_object_scenes(200, seed=7)
     with torch.no_grad():
         decoded = toy.decode_latents(toy.encode_images(real))

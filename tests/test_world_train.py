@@ -7,6 +7,9 @@ import torch
 from safetensors import safe_open
 
 from icd_lite.world import checkpoints, train
+from icd_lite.world.models import build_clip, build_vae
+from icd_lite.world.scenes import make_dataset
+from icd_lite.world.text import build_tokenizer
 
 
 # run_stage fast-forwards the LR schedule on resume, before any optimizer step: PyTorch warns.
@@ -130,10 +133,6 @@ def test_training_time_is_summed_over_resumed_runs(tmp_path, monkeypatch):
 def test_clip_decoded_stage_tunes_the_image_tower_only(tmp_path, monkeypatch):
     """Stage 3 trains the image tower on real and decoded images; the text tower (the teacher's
     text encoder) stays bit-identical, and the manifest sums both stages' minutes."""
-    from icd_lite.world.models import build_clip, build_vae
-    from icd_lite.world.scenes import make_dataset
-    from icd_lite.world.text import build_tokenizer
-
     weights = tmp_path / "weights"
     monkeypatch.setattr(train, "CHECKPOINT_DIR", tmp_path / "train")
     monkeypatch.setattr(checkpoints, "WEIGHTS_DIR", weights)
