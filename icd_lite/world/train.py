@@ -144,6 +144,10 @@ def train_vae(images, steps: int, batch: int, save_every: int, command):
 def finetune_clip_on_decoded(clip, vae, images, captions, tokenizer, steps: int, batch: int,
                              save_every: int, command):
     """Stage 3: the image tower learns to read VAE reconstructions (text tower frozen)."""
+    stage_1 = checkpoints.read_manifest()["clip.safetensors"]
+    if "decoded_command" in stage_1 and not (CHECKPOINT_DIR / "clip_decoded.safetensors").exists():
+        raise RuntimeError("the shipped CLIP is already fine-tuned on decoded images; run "
+                           "`--stage clip` first to retrain it from scratch")
     clip.requires_grad_(False)
     clip.vision_model.requires_grad_(True)
     clip.visual_projection.requires_grad_(True)
@@ -160,10 +164,6 @@ def finetune_clip_on_decoded(clip, vae, images, captions, tokenizer, steps: int,
         return clip(input_ids=tokens.input_ids[index], attention_mask=tokens.attention_mask[index],
                     pixel_values=pixels, return_loss=True).loss
 
-    stage_1 = checkpoints.read_manifest()["clip.safetensors"]
-    if "decoded_command" in stage_1 and not (CHECKPOINT_DIR / "clip_decoded.safetensors").exists():
-        raise RuntimeError("the shipped CLIP is already fine-tuned on decoded images; run "
-                           "`--stage clip` first to retrain it from scratch")
     contrastive = stage_1.get("contrastive_minutes", stage_1["train_minutes"])
     minutes = run_stage("clip_decoded", clip.train(), loss_fn, steps, 3e-4, save_every)
     ship("clip", clip.eval(), stage_1["command"], contrastive_minutes=contrastive,
