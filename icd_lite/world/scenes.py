@@ -39,7 +39,7 @@ OBJECT_COLORS = {"red": (230, 30, 30), "green": (30, 200, 40), "blue": (30, 80, 
                  "yellow": (245, 215, 20), "purple": (150, 40, 200)}
 BACKGROUND_COLORS = {"black": (0, 0, 0), "white": (255, 255, 255), "gray": (128, 128, 128),
                      "blue": (15, 25, 90), "green": (15, 70, 25)}
-SIZES = {"small": 5, "large": 7}  # radius in pixels = half the side of the object's box
+SIZES = {"small": 7, "large": 10}  # radius in pixels = half the side of the object's box
 PATTERNS = ("plain", "striped")
 STRIPE_SHIFT = 48  # stripes are this much lighter than a dark background, darker than a light one
 EDIT_TYPES = ("color", "shape", "background", "size", "add", "remove")
