@@ -6,7 +6,7 @@ r"""The editing experiments: every editor on the same ToyBench cases, its speed,
   type and overall;
 * ``edit_timing``: seconds and NFE of one edit at a time, side by side in this process, as ratios
   to iCD; and iCD's wall time against the bare cost of its network evaluations (the same 8
-  student calls on the same shapes, without hooks, VAE or text encoder);
+  student calls on the same shapes, without hooks, VAE or text encoder), the two timed in turn;
 * ``tradeoff``: text alignment vs preservation of an editor over guidance scales (Fig. 9a,
   Fig. 12).
 """
@@ -87,34 +87,55 @@ def toybench_results(perception: ToyPerception, editors: dict, cases, per_type: 
     return results
 
 
+def seconds_of(run) -> float:
+    """The wall time of one call of ``run()``."""
+    begin = time.perf_counter()
+    run()
+    return time.perf_counter() - begin
+
+
 def median_seconds(run, repeats: int) -> float:
     """The median wall time of ``repeats`` calls of ``run()``."""
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+    return statistics.median(seconds_of(run) for _ in range(repeats))
 
 
 @torch.no_grad()
-def bare_network_seconds(pipe: ICDPipeline, image: torch.Tensor, prompt: str,
-                         repeats: int = 5) -> float:
-    """The 2m student calls of one iCD edit alone: m encoder calls on one latent, m decoder
-    calls on a batch of two, on the same inputs as an edit, without hooks, VAE or text encoder."""
+def bare_network_calls(pipe: ICDPipeline, image: torch.Tensor, prompt: str):
+    """A function making the 2m student calls of one iCD edit alone: m encoder calls on one
+    latent, m decoder calls on a batch of two, on the same inputs as an edit, without hooks, VAE
+    or text encoder."""
     latents = pipe.components.encode_images(image)
     cond = pipe.components.encode_prompt([prompt])
     pair, zero = torch.cat([cond, cond]), torch.zeros(1)
 
+    @torch.no_grad()
     def calls():
         for t, _ in pipe.boundaries.encoding_steps():
             pipe.forward_student(latents, torch.tensor([t]), None, cond, zero)
         for t, _ in pipe.boundaries.decoding_steps():
             pipe.reverse_student(latents.repeat(2, 1, 1, 1), torch.tensor([t, t]), None, pair,
                                  torch.tensor([0.0, 19.0]))
+    return calls
 
-    calls()  # warm-up
-    return median_seconds(calls, repeats)
+
+def overhead_of_edits(editor, cases: list[toybench.EditCase], pipe: ICDPipeline,
+                      repeats: int) -> dict:
+    """iCD's wall time per edit against the bare cost of its network calls. The two are timed in
+    turn, edit then bare calls, ``repeats`` times per case, so that a change in the machine's load
+    moves both alike instead of biasing their ratio."""
+    edit_seconds, bare_seconds = [], []
+    for case in cases:
+        source, _, _, sources, targets = toybench.case_batch([case])
+        blend = blend_words([case])
+        network_calls = bare_network_calls(pipe, source, case.source_prompt)
+        network_calls()  # warm-up
+        pairs = [(seconds_of(lambda: editor(source, sources, targets, blend)),
+                  seconds_of(network_calls)) for _ in range(repeats)]
+        edit_seconds.append(statistics.median(edit for edit, _ in pairs))
+        bare_seconds.append(statistics.median(calls for _, calls in pairs))
+    edit, bare = sum(edit_seconds) / len(cases), sum(bare_seconds) / len(cases)
+    return {"paired_edit_seconds": edit, "bare_network_seconds": bare,
+            "overhead_ratio": edit / bare}
 
 
 def edit_timing(editors: dict, cases: list[toybench.EditCase], pipe: ICDPipeline,
@@ -122,7 +143,7 @@ def edit_timing(editors: dict, cases: list[toybench.EditCase], pipe: ICDPipeline
     """Seconds and NFE per edit, one edit at a time, each editor on the same cases after one
     warm-up edit, with the ratio to iCD. An edit that takes under half a second is timed as the
     median of ``fast_repeats`` runs (single runs of a 0.1 s edit vary by ~30 % here). iCD's row
-    (the first) also gives the bare cost of its network evaluations, timed the same way."""
+    (the first) also gives the bare cost of its network evaluations (``overhead_of_edits``)."""
     rows = []
     for name, editor in editors.items():
         seconds, nfe = [], []
@@ -137,10 +158,7 @@ def edit_timing(editors: dict, cases: list[toybench.EditCase], pipe: ICDPipeline
                      "nfe": sum(nfe) / len(cases), "edits": len(cases)})
     for row in rows:
         row["ratio_to_icd"] = row["seconds"] / rows[0]["seconds"]
-    bare = [bare_network_seconds(pipe, toybench.case_batch([case])[0], case.source_prompt,
-                                 fast_repeats) for case in cases]
-    rows[0]["bare_network_seconds"] = sum(bare) / len(bare)
-    rows[0]["overhead_ratio"] = rows[0]["seconds"] / rows[0]["bare_network_seconds"]
+    rows[0].update(overhead_of_edits(next(iter(editors.values())), cases, pipe, fast_repeats))
     return rows
 
 

@@ -175,7 +175,10 @@ def test_editors_on_toybench_count_cases_and_time_against_bare_network_cost(comp
 
     timing = editing_evaluation.edit_timing({"iCD": icd}, cases[:1], pipe)
     assert timing[0]["ratio_to_icd"] == 1.0 and timing[0]["nfe"] == 8
-    assert timing[0]["bare_network_seconds"] < timing[0]["seconds"]
+    icd_row = timing[0]
+    assert icd_row["bare_network_seconds"] < icd_row["paired_edit_seconds"]
+    assert icd_row["overhead_ratio"] == pytest.approx(
+        icd_row["paired_edit_seconds"] / icd_row["bare_network_seconds"])
 
 
 def test_guidance_trades_preservation_for_change_in_the_tradeoff(components, pipe):
