@@ -33,7 +33,7 @@ def subset(cases):
 
 
 def red_circle_on_gray():
-    return Scene("gray", "plain", (SceneObject("circle", "red", "small", 10, 10),))
+    return Scene("gray", "plain", (SceneObject("circle", "red", "small", 9, 9),))
 
 
 # ------------------------------------------------------------------------------------- cases
@@ -105,7 +105,7 @@ def test_make_case_on_hand_made_edits():
     case = toybench.make_case("x", source, change_background(source, "black", "striped"))
     assert (case.edit_type, case.changed_words) == ("background", ("striped", "black"))
     assert (case.source_blend, case.target_blend) == ((), ())
-    two = add_object(source, SceneObject("square", "green", "small", 24, 24))
+    two = add_object(source, SceneObject("square", "green", "small", 25, 25))
     case = toybench.make_case("x", source, two)
     assert case.changed_words == ("and", "a", "small", "green", "square")
     assert (case.edit_type, case.target_blend) == ("add", ("square",))
