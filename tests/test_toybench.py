@@ -202,11 +202,11 @@ def test_metrics_on_exact_targets(perception, subset):
         assert means["bg_mse"] == 0 and means["bg_ssim"] == pytest.approx(1.0, abs=1e-5)
         assert means["bg_lpips"] == pytest.approx(0.0, abs=1e-6)
         assert means["structure"] > 0  # the edit changed something
-        # measured on these 10 per type: 1.0, but shape 0.9 and add 0.5 (0.74 on all 50 add
-        # cases: the second object's shape is the hardest read). Chance: 1/2 for size, 1/21 for
-        # add (the source and 20 shape-colour variants), 1/5 or less for the others.
-        assert means["attribute_ok"] >= (0.4 if name == "add" else 0.7), name
-    assert summary["all"]["attribute_ok"] >= 0.85
+        # measured on these 10 per type: 1.0, but add 0.7 (0.9 on all 50 add cases: the small
+        # second object is the hardest read). Chance: 1/2 for size, 1/21 for add (the source and
+        # 20 shape-colour variants), 1/5 or less for the others.
+        assert means["attribute_ok"] >= (0.6 if name == "add" else 0.9), name
+    assert summary["all"]["attribute_ok"] >= 0.9
 
 
 def test_metrics_on_unedited_sources(perception, subset):
