@@ -182,8 +182,8 @@ def bench_editing(per_type: int | None = None, nti_per_type: int = 6) -> dict:
     if per_type:
         cases = toybench.stratified_subset(cases, per_type)
     editors = editing_evaluation.make_editors(components, pipes)
-    # The paper's baselines guide with w = 7.5; on ToyBench they edit best near w = 2
-    # (notebook 05's sweep), so the table also shows the two fast ones there.
+    # The paper's baselines guide with w = 7.5; on ToyBench they preserve far more near w = 2,
+    # where NPI also edits best (notebook 05's sweep), so the table shows the two fast ones there.
     low_w = editing_evaluation.make_editors(components, pipes, w_teacher=2.0)
     tuned = {f"{name}, w = 2": low_w[name] for name in ("DDIM50 + P2P", "NPI + P2P")}
     results = editing_evaluation.toybench_results(perception, editors | tuned, cases,

@@ -25,8 +25,8 @@ from .metrics import ToyPerception
 from .pipeline import ICDPipeline
 
 # The authors' benchmark scripts use w = 20 (w_code 19), tau 0.8 (method.md section 5). The toy
-# students edit best near w = 4: on 48 ToyBench cases CLIP-T 0.696 / 0.562 / 0.482 at w = 4 / 8 /
-# 20, attribute accuracy 0.625 / 0.583 / 0.542, background PSNR 26.6 / 24.3 / 23.1 dB.
+# students edit best near w = 4: on 48 ToyBench cases CLIP-T 0.732 / 0.721 / 0.706 at w = 4 / 8 /
+# 20, DinoV2-like 0.701 / 0.642 / 0.618, background PSNR 24.3 / 21.9 / 20.8 dB (notebook 05).
 W_ICD, TAU_ICD = 4.0, 0.8
 W_TEACHER = 7.5  # P2P's CFG scale for the 50-step baselines (method.md section 6)
 W_SWITCH, TAU_SWITCH = 8.0, 0.7  # the paper's SDXL recipe (tau 0.7)
