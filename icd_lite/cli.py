@@ -34,6 +34,7 @@ from .distill import load_pipeline
 from .editing import P2PSettings, icd_edit
 from .metrics import psnr
 from .world.checkpoints import CheckpointError
+from .world.scenes import caption_problem
 from .world.text import build_tokenizer, check_prompt
 
 PROG = "python -m icd_lite"
@@ -117,9 +118,16 @@ def check_outputs(image: Path | None, outputs: list[tuple[str, Path | None, str]
 
 
 def checked_prompts(*prompts: str) -> list[str]:
-    """Prompts in the toy world's form (lower case, words only); unknown words are an error."""
+    """Prompts in the toy world's form (lower case, words only); unknown words are an error,
+    and a prompt that is no caption of the world gets a warning (its image will not follow it)."""
     tokenizer = build_tokenizer()
-    return [check_prompt(prompt, tokenizer) for prompt in prompts]
+    checked = [check_prompt(prompt, tokenizer) for prompt in prompts]
+    for prompt in checked:
+        problem = caption_problem(prompt)
+        if problem is not None:
+            warn(f"{prompt!r} is no caption of the toy world ({problem}); its teacher never "
+                 f"saw such a scene, so the image will likely not follow the prompt")
+    return checked
 
 
 def blend_words(words: list[str] | None, source: str, target: str):

@@ -117,6 +117,15 @@ def test_generate_writes_the_requested_number_of_images(tmp_path):
     assert all(Image.open(out.parent / name).size == (32, 32) for name in written)
 
 
+def test_a_prompt_outside_the_world_is_drawn_with_a_warning(tmp_path, capsys):
+    out = tmp_path / "g.png"
+    prompt = "a large red circle and a small blue square on a gray background"
+    assert main(["generate", "--prompt", prompt, "--out", str(out)]) == 0
+    assert "no caption of the toy world" in capsys.readouterr().err and out.exists()
+    main(["generate", "--prompt", SOURCE, "--out", str(out)])
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["edit", "--help"])

@@ -8,7 +8,7 @@ import torch
 
 from icd_lite.world.scenes import (BACKGROUND_COLORS, EDIT_TYPES, IMAGE_SIZE, OBJECT_COLORS,
                                    PATTERNS, SHAPES, SIZES, Scene, SceneObject, add_object,
-                                   caption, change_background, change_color, change_shape,
+                                   caption, caption_problem, change_background, change_color, change_shape,
                                    change_size, edit_mask, make_dataset, random_edit,
                                    random_scene, remove_object, render, vocabulary)
 
@@ -95,6 +95,19 @@ def test_captions_follow_the_grammar():
                                                         "background")
     assert (caption(Scene("green", "striped", (right, left)))  # listed left to right
             == "a small yellow triangle and a small purple diamond on a striped green background")
+
+
+def test_every_caption_of_the_world_is_accepted_and_others_are_explained():
+    rng = np.random.default_rng(3)
+    assert all(caption_problem(caption(random_scene(rng, p_two_objects=0.5))) is None
+               for _ in range(300))
+    grammar = caption_problem("a red circle on a gray background")  # no size
+    assert grammar is not None and "grammar" in grammar
+    assert "grammar" in caption_problem("a small red circle on a gray")
+    crowded = caption_problem("a large red circle and a small blue square on a gray background")
+    assert crowded is not None and "both objects must be small" in crowded
+    same = caption_problem("a small blue square on a striped blue background")
+    assert same is not None and "colour of its background" in same
 
 
 def test_captions_only_use_vocabulary_words():

@@ -10,7 +10,7 @@ Captions come from a small grammar::
     object     := "a " size " " color " " shape
     background := bg_color | "striped " bg_color
 
-e.g. "a small red circle and a large yellow diamond on a striped gray background". An object's
+e.g. "a small red circle and a small yellow diamond on a striped gray background". An object's
 colour name is never its background's colour name: "a blue square on a blue background" would be
 ambiguous, as the object blue and the (navy) background blue are different colours.
 
@@ -28,6 +28,7 @@ agree exactly outside it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -153,6 +154,27 @@ def caption(scene: Scene) -> str:
     objects = " and ".join(f"a {obj.size} {obj.color} {obj.shape}" for obj in ordered)
     background = ("striped " if scene.pattern == "striped" else "") + scene.background
     return f"{objects} on a {background} background"
+
+
+def caption_problem(prompt: str) -> str | None:
+    """Why no scene of this world has the caption ``prompt`` (lower case), or None if one has.
+
+    The text encoder reads any string of vocabulary words, but the teacher only ever saw
+    captions of the grammar above, so it draws anything else poorly: a prompt outside the
+    grammar, a large object beside another one, or an object of its background's colour name.
+    """
+    obj = rf"a ({'|'.join(SIZES)}) ({'|'.join(OBJECT_COLORS)}) ({'|'.join(SHAPES)})"
+    match = re.fullmatch(rf"{obj}(?: and {obj})? on a (?:striped )?({'|'.join(BACKGROUND_COLORS)})"
+                         r" background", prompt)
+    if match is None:
+        return ("not a caption of the world's grammar: 'a <size> <colour> <shape> "
+                "[and a <size> <colour> <shape>] on a [striped] <colour> background'")
+    sizes, colors, background = match.group(1, 4), match.group(2, 5), match.group(7)
+    if sizes[1] is not None and "large" in sizes:
+        return "a large object leaves no room for a second one: both objects must be small"
+    if background in colors:
+        return f"an object is never the colour of its background ({background})"
+    return None
 
 
 def vocabulary() -> list[str]:
