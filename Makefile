@@ -52,7 +52,7 @@ clean:
 # Retrain every shipped weight from scratch: the toy world, then the iCD student pairs.
 train: train-world train-students
 
-# The toy world (~45 min on 2 CPU cores); resumes if interrupted.
+# The toy world (~49 min on 2 CPU cores, measured); resumes if interrupted.
 # CLIP and the VAE are independent: they train side by side, one core each; then CLIP's image
 # tower on decoded images; then the teacher.
 train-world: $(STAMP)

@@ -1,5 +1,5 @@
-"""The distillation loop: it lowers the reconstruction error, resumes exactly, trains LoRA, and ships pairs that
-load back (on the shipped toy teacher, a few steps on a handful of latents)."""
+"""The distillation loop: it lowers the reconstruction error, resumes exactly, trains LoRA, and
+ships pairs that load back (on the shipped toy teacher, a few steps on a handful of latents)."""
 
 import pytest
 import torch

@@ -8,8 +8,8 @@ import torch
 
 from icd_lite.world.scenes import (BACKGROUND_COLORS, EDIT_TYPES, IMAGE_SIZE, OBJECT_COLORS,
                                    PATTERNS, SHAPES, SIZES, Scene, SceneObject, add_object,
-                                   caption, caption_problem, change_background, change_color, change_shape,
-                                   change_size, edit_mask, make_dataset, random_edit,
+                                   caption, caption_problem, change_background, change_color,
+                                   change_shape, change_size, edit_mask, make_dataset, random_edit,
                                    random_scene, remove_object, render, vocabulary)
 
 

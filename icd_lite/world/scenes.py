@@ -156,6 +156,11 @@ def caption(scene: Scene) -> str:
     return f"{objects} on a {background} background"
 
 
+_OBJECT = rf"a ({'|'.join(SIZES)}) ({'|'.join(OBJECT_COLORS)}) ({'|'.join(SHAPES)})"
+_CAPTION = re.compile(rf"{_OBJECT}(?: and {_OBJECT})? on a (?:striped )?"
+                      rf"({'|'.join(BACKGROUND_COLORS)}) background")  # the grammar above
+
+
 def caption_problem(prompt: str) -> str | None:
     """Why no scene of this world has the caption ``prompt`` (lower case), or None if one has.
 
@@ -163,9 +168,7 @@ def caption_problem(prompt: str) -> str | None:
     captions of the grammar above, so it draws anything else poorly: a prompt outside the
     grammar, a large object beside another one, or an object of its background's colour name.
     """
-    obj = rf"a ({'|'.join(SIZES)}) ({'|'.join(OBJECT_COLORS)}) ({'|'.join(SHAPES)})"
-    match = re.fullmatch(rf"{obj}(?: and {obj})? on a (?:striped )?({'|'.join(BACKGROUND_COLORS)})"
-                         r" background", prompt)
+    match = _CAPTION.fullmatch(prompt)
     if match is None:
         return ("not a caption of the world's grammar: 'a <size> <colour> <shape> "
                 "[and a <size> <colour> <shape>] on a [striped] <colour> background'")
