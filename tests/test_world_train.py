@@ -20,7 +20,8 @@ class Crash(Exception):
     pass
 
 
-def tiny_stage(checkpoint_dir, steps, monkeypatch, save_every=2, crash_at=None, lr=0.5):
+def tiny_stage(checkpoint_dir, steps, monkeypatch, save_every=2, crash_at=None, lr=0.5,
+               until=None):
     """run_stage on a Linear model with a teacher-style EMA; batches are seeded by the step."""
     monkeypatch.setattr(train, "CHECKPOINT_DIR", checkpoint_dir)
     torch.manual_seed(0)
@@ -37,8 +38,9 @@ def tiny_stage(checkpoint_dir, steps, monkeypatch, save_every=2, crash_at=None, 
         x = torch.randn(8, 3, generator=generator)
         return (model(x) - x @ target.T).pow(2).mean()
 
-    train.run_stage("toy", model, loss_fn, steps, lr=lr, save_every=save_every,
-                    extra_models={"toy_ema": ema})
+    minutes = train.run_stage("toy", model, loss_fn, steps, lr=lr, save_every=save_every,
+                              extra_models={"toy_ema": ema}, until=until)
+    tiny_stage.minutes = minutes
     return model, ema
 
 
@@ -90,6 +92,31 @@ def test_run_stage_resumes_a_crashed_run_past_the_warmup(tmp_path, monkeypatch, 
     assert "resuming at step 100" in capsys.readouterr().out
     for a, b in [(resumed, reference), (resumed_ema, reference_ema)]:
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def test_run_stage_stops_at_until_and_a_later_run_finishes_it(tmp_path, monkeypatch, capsys):
+    """`make train-world` runs the first steps of a stage on one core (--until-step) and the
+    rest on two: the pair ends bit-identical to one uninterrupted run, and only the run that
+    reaches the last step reports minutes (and so ships the weights)."""
+    reference, reference_ema = tiny_stage(tmp_path / "a", 7, monkeypatch)
+    assert tiny_stage.minutes is not None
+    tiny_stage(tmp_path / "b", 7, monkeypatch, until=3)  # 3 is not a multiple of save_every
+    assert tiny_stage.minutes is None
+    with safe_open(str(tmp_path / "b" / "toy.safetensors"), "pt") as file:
+        assert file.metadata()["step"] == "3"
+    capsys.readouterr()
+    resumed, resumed_ema = tiny_stage(tmp_path / "b", 7, monkeypatch)
+    assert "resuming at step 3" in capsys.readouterr().out and tiny_stage.minutes is not None
+    for a, b in [(resumed, reference), (resumed_ema, reference_ema)]:
+        assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def test_min_snr_weight_caps_the_clean_steps_only():
+    t = torch.tensor([1, 50, 100, 150, 500, 999])
+    weight = train.min_snr_weight(t, gamma=5.0)
+    alpha_bar = train.SD15_SCHEDULE.alphas_cumprod[t]
+    assert torch.allclose(weight[:3], 5.0 * (1 - alpha_bar[:3]) / alpha_bar[:3])
+    assert torch.all(weight[:3] < 1) and torch.all(weight[3:] == 1)
 
 
 def test_run_stage_saves_every_and_at_the_end(tmp_path, monkeypatch):

@@ -21,7 +21,13 @@ to ``build/train/`` every ``--save-every`` steps, and at the end copies its fina
    batches of half real images and half their reconstructions, with the text tower frozen, so the
    text encoder - and the teacher conditioned on it - stays exactly the same.
 4. Teacher: UNet2DConditionModel predicting eps on scaled VAE latents with SD1.5's schedule,
-   captions dropped 10% of the time so that classifier-free guidance works; EMA of the weights.
+   captions dropped 10% of the time so that classifier-free guidance works; min-SNR-5 loss
+   weights (see ``min_snr_weight``); EMA of the weights.
+
+`make train-world` keeps both cores busy: CLIP and the VAE train side by side on one core each,
+the VAE takes both cores once CLIP is done; then stage 3 and the teacher's first steps share
+them, and the teacher finishes on both (``--until-step`` stops a stage where the next run
+resumes).
 """
 
 from __future__ import annotations
@@ -61,12 +67,13 @@ def batch_generator(stage_seed: int, step: int) -> torch.Generator:
 
 
 def run_stage(name: str, model, loss_fn, steps: int, lr: float, save_every: int,
-              extra_models: dict | None = None) -> float:
-    """The loop shared by the three stages: AdamW, cosine schedule, resumable checkpoints.
+              extra_models: dict | None = None, until: int | None = None) -> float | None:
+    """The loop shared by the stages: AdamW, cosine schedule, resumable checkpoints.
 
     ``loss_fn(step)`` returns the loss of one batch; ``extra_models`` (e.g. an EMA copy) are
     saved beside the model and updated by the caller. Returns the stage's training time in
-    minutes, summed over resumed runs.
+    minutes, summed over resumed runs - or None when it stopped at step ``until`` < ``steps``
+    (`make train-world` runs part of a stage on one core and resumes it on two).
     """
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     scheduler = cosine_lr(optimizer, steps)
@@ -80,7 +87,8 @@ def run_stage(name: str, model, loss_fn, steps: int, lr: float, save_every: int,
         for _ in range(start):
             scheduler.step()
         print(f"{name}: resuming at step {start} from {path}")
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name)
+    stop = steps if until is None else min(until, steps)
+    bar = tqdm(range(start, stop), initial=start, total=steps, desc=name)
     for step in bar:
         loss = loss_fn(step)
         optimizer.zero_grad(set_to_none=True)
@@ -89,12 +97,14 @@ def run_stage(name: str, model, loss_fn, steps: int, lr: float, save_every: int,
         optimizer.step()
         scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % save_every == 0 or step + 1 == steps:
+        if (step + 1) % save_every == 0 or step + 1 == stop:
             seconds = seconds_before + time.time() - began
             checkpoints.save_state(path, model, optimizer, step + 1, kind=name, seconds=seconds)
             for extra, module in (extra_models or {}).items():
                 checkpoints.save_state(CHECKPOINT_DIR / f"{extra}.safetensors", module,
                                        step=step + 1, kind=extra)
+    if stop < steps:
+        return None
     return round(checkpoints.saved_seconds(path) / 60, 1)
 
 
@@ -120,7 +130,7 @@ def train_clip(images, captions, tokenizer, steps: int, batch: int, save_every: 
     return clip
 
 
-def train_vae(images, steps: int, batch: int, save_every: int, command):
+def train_vae(images, steps: int, batch: int, save_every: int, command, until=None):
     torch.manual_seed(2)
     vae = build_vae()
 
@@ -130,7 +140,9 @@ def train_vae(images, steps: int, batch: int, save_every: int, command):
         reconstruction = vae.decode(posterior.mean).sample
         return (reconstruction - x).abs().mean() + 1e-6 * posterior.kl().mean()
 
-    minutes = run_stage("vae", vae, loss_fn, steps, 1e-3, save_every)
+    minutes = run_stage("vae", vae, loss_fn, steps, 1e-3, save_every, until=until)
+    if minutes is None:  # a later run resumes, finishes and ships it
+        return None
     vae.eval()
     with torch.no_grad():
         sample = images[:5000]  # enough to measure a standard deviation
@@ -172,8 +184,20 @@ def finetune_clip_on_decoded(clip, vae, images, captions, tokenizer, steps: int,
     return clip
 
 
+def min_snr_weight(t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma loss weight for eps-prediction (Hang et al. 2023): min(SNR_t, gamma) / SNR_t.
+
+    ||eps_hat - eps||^2 = SNR_t ||x0_hat - x0||^2, so the plain eps loss weighs the nearly clean
+    steps (SNR_t large: textures) far above the noisy ones that decide layout and shape. The weight
+    caps that emphasis at gamma; it is 1 for every t with SNR_t <= gamma (t >= 147 here).
+    """
+    alpha_bar = SD15_SCHEDULE.alphas_cumprod[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / snr
+
+
 def train_teacher(latents, caption_index, text_embeddings, steps: int, batch: int,
-                  save_every: int, command, caption_dropout: float = 0.1):
+                  save_every: int, command, caption_dropout: float = 0.1, until=None):
     """latents: [N, 4, 8, 8] scaled; caption_index: [N] rows of text_embeddings (row 0 = "")."""
     torch.manual_seed(3)
     unet = build_unet(cross_attention_dim=text_embeddings.shape[-1])
@@ -192,10 +216,13 @@ def train_teacher(latents, caption_index, text_embeddings, steps: int, batch: in
         eps = torch.randn(x0.shape, generator=generator)
         x_t = SD15_SCHEDULE.add_noise(x0, eps, t)
         prediction = unet(x_t, t, text_embeddings[rows]).sample
-        return torch.mean((prediction - eps) ** 2)
+        squared_error = ((prediction - eps) ** 2).mean(dim=(1, 2, 3))
+        return torch.mean(min_snr_weight(t) * squared_error)
 
     minutes = run_stage("teacher", unet, loss_fn, steps, 5e-4, save_every,
-                        extra_models={"teacher_ema": ema})
+                        extra_models={"teacher_ema": ema}, until=until)
+    if minutes is None:  # a later run resumes, finishes and ships it
+        return None
     ship("unet", ema.eval(), command, train_minutes=minutes)
     return ema
 
@@ -206,11 +233,15 @@ def main(argv=None) -> None:
                         default="all")
     parser.add_argument("--clip-steps", type=int, default=4000)
     parser.add_argument("--clip-decoded-steps", type=int, default=1500)
-    parser.add_argument("--vae-steps", type=int, default=12000)
+    parser.add_argument("--vae-steps", type=int, default=10000)
     parser.add_argument("--teacher-steps", type=int, default=4000)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--until-step", type=int, default=None,
+                        help="vae / teacher: stop after this step; a later run resumes there")
     args = parser.parse_args(argv)
+    if args.until_step is not None and args.stage not in ("vae", "teacher"):
+        parser.error("--until-step applies to --stage vae or --stage teacher only")
     torch.set_num_threads(args.threads)
     command = "python -m icd_lite.world.train " + " ".join(argv if argv is not None
                                                              else sys.argv[1:])
@@ -226,7 +257,7 @@ def main(argv=None) -> None:
             train_clip(images, captions, tokenizer, args.clip_steps, 128, args.save_every,
                        command)
         elif stage == "vae":
-            train_vae(images, args.vae_steps, 16, args.save_every, command)
+            train_vae(images, args.vae_steps, 16, args.save_every, command, args.until_step)
         elif stage == "clip-decoded":
             finetune_clip_on_decoded(loading.load_clip(tokenizer), loading.load_vae(), images,
                                      captions, tokenizer, args.clip_decoded_steps, 128,
@@ -243,7 +274,7 @@ def main(argv=None) -> None:
             row = {caption: i for i, caption in enumerate(unique)}
             caption_index = torch.tensor([row[c] for c in captions])
             train_teacher(latents, caption_index, embeddings, args.teacher_steps, 64,
-                          args.save_every, command)
+                          args.save_every, command, until=args.until_step)
         times[stage] = time.time() - begin
         print(f"{stage}: {times[stage] / 60:.1f} min")
     print(f"total: {(time.time() - start) / 60:.1f} min")
