@@ -54,8 +54,8 @@ train: train-world train-students
 
 # The toy world (~45 min on 2 CPU cores); resumes if interrupted. Both cores stay busy:
 # CLIP and the VAE train side by side, one core each, and the VAE takes both once CLIP is done;
-# then CLIP's image tower on decoded images beside the teacher's first 750 steps, one core each;
-# then the teacher finishes on both.
+# then CLIP's image tower on decoded images beside the teacher's first 600 steps, one core each;
+# then the teacher finishes as two one-core processes, each on half of every batch (torchrun).
 TRAIN_WORLD := $(PY) -m icd_lite.world.train
 train-world: $(STAMP)
 	@mkdir -p build
@@ -64,9 +64,10 @@ train-world: $(STAMP)
 	wait $$clip || { echo "CLIP training failed: see build/train_clip.log"; exit 1; }
 	$(TRAIN_WORLD) --stage vae --threads 2
 	$(TRAIN_WORLD) --stage clip-decoded --threads 1 > build/train_clip_decoded.log 2>&1 & tuned=$$!; \
-	$(TRAIN_WORLD) --stage teacher --threads 1 --until-step 750 || exit 1; \
+	$(TRAIN_WORLD) --stage teacher --threads 1 --until-step 600 || exit 1; \
 	wait $$tuned || { echo "CLIP fine-tuning failed: see build/train_clip_decoded.log"; exit 1; }
-	$(TRAIN_WORLD) --stage teacher --threads 2
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node 2 \
+	  -m icd_lite.world.train --stage teacher --threads 1
 
 # The student pairs of the paper's ablations (recipes A B C E F G G3, see icd_lite/distill.py), one
 # after another on the shipped teacher; resumes if interrupted.

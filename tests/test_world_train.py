@@ -1,9 +1,13 @@
 """The training loop of the toy world: resumable stages, and shipping weights with a manifest."""
 
 import copy
+import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from safetensors import safe_open
 
 from icd_lite.world import checkpoints, train
@@ -109,6 +113,46 @@ def test_run_stage_stops_at_until_and_a_later_run_finishes_it(tmp_path, monkeypa
     assert "resuming at step 3" in capsys.readouterr().out and tiny_stage.minutes is not None
     for a, b in [(resumed, reference), (resumed_ema, reference_ema)]:
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def linear_stage(checkpoint_dir, rank=0, processes=1, steps=6):
+    """A Linear model trained by run_stage; each process takes its share of every batch."""
+    train.CHECKPOINT_DIR = checkpoint_dir
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    target = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
+
+    def loss_fn(step):
+        x = torch.randn(8, 3, generator=torch.Generator().manual_seed(step))[rank::processes]
+        return (model(x) - x @ target.T).pow(2).mean()
+
+    train.run_stage("toy", model, loss_fn, steps, lr=0.1, save_every=2)
+    return model
+
+
+def two_process_worker(rank, checkpoint_dir, port):
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    assert train.data_parallel() == (rank, 2)
+    linear_stage(checkpoint_dir, rank, 2)
+    dist.destroy_process_group()
+
+
+def test_two_processes_train_like_one_on_the_whole_batch(tmp_path):
+    """Under torchrun each process computes half of every batch and the gradients are averaged:
+    the weights rank 0 saves are those of one process on the whole batch."""
+    one = linear_stage(tmp_path / "one")
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    mp.spawn(two_process_worker, args=(tmp_path / "two", port), nprocs=2)
+    two = torch.nn.Linear(3, 2)
+    assert checkpoints.load_state(tmp_path / "two" / "toy.safetensors", two, kind="toy") == 6
+    assert torch.allclose(two.weight, one.weight, atol=1e-6)
+    assert torch.allclose(two.bias, one.bias, atol=1e-6)
+    torch.manual_seed(0)
+    assert not torch.allclose(two.weight, torch.nn.Linear(3, 2).weight)  # it did train
 
 
 def test_min_snr_weight_caps_the_clean_steps_only():

@@ -35,11 +35,13 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..schedule import SD15_SCHEDULE
@@ -66,6 +68,32 @@ def batch_generator(stage_seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(stage_seed * 1_000_003 + step)
 
 
+def data_parallel() -> tuple[int, int]:
+    """(this process's rank, number of processes): (0, 1) unless started by ``torchrun``.
+
+    Under ``torchrun --nproc_per_node 2`` each process computes the loss of its half of every
+    batch on one core and the processes average their gradients (``average_gradients``), so
+    the step is the one-process step on the whole batch. For the teacher on this 2-core CPU
+    that is ~1.2x faster than one process with two threads (measured: 297-300 against
+    333-370 ms per batch of 64).
+    """
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def average_gradients(model) -> None:
+    """Sum the processes' gradients in one message (a flat tensor) and divide by their number."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for grad, averaged in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(averaged.view_as(grad))
+
+
 def run_stage(name: str, model, loss_fn, steps: int, lr: float, save_every: int,
               extra_models: dict | None = None, until: int | None = None) -> float | None:
     """The loop shared by the stages: AdamW, cosine schedule, resumable checkpoints.
@@ -74,7 +102,9 @@ def run_stage(name: str, model, loss_fn, steps: int, lr: float, save_every: int,
     saved beside the model and updated by the caller. Returns the stage's training time in
     minutes, summed over resumed runs - or None when it stopped at step ``until`` < ``steps``
     (`make train-world` runs part of a stage on one core and resumes it on two).
+    Under ``torchrun`` the gradients are averaged over the processes and only rank 0 saves.
     """
+    rank, processes = data_parallel()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     scheduler = cosine_lr(optimizer, steps)
     path = CHECKPOINT_DIR / f"{name}.safetensors"
@@ -88,21 +118,25 @@ def run_stage(name: str, model, loss_fn, steps: int, lr: float, save_every: int,
             scheduler.step()
         print(f"{name}: resuming at step {start} from {path}")
     stop = steps if until is None else min(until, steps)
-    bar = tqdm(range(start, stop), initial=start, total=steps, desc=name)
+    bar = tqdm(range(start, stop), initial=start, total=steps, desc=name, disable=rank > 0)
     for step in bar:
         loss = loss_fn(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if processes > 1:
+            average_gradients(model)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
-        if (step + 1) % save_every == 0 or step + 1 == stop:
+        if rank == 0 and ((step + 1) % save_every == 0 or step + 1 == stop):
             seconds = seconds_before + time.time() - began
             checkpoints.save_state(path, model, optimizer, step + 1, kind=name, seconds=seconds)
             for extra, module in (extra_models or {}).items():
                 checkpoints.save_state(CHECKPOINT_DIR / f"{extra}.safetensors", module,
                                        step=step + 1, kind=extra)
+    if processes > 1:
+        dist.barrier()  # the last checkpoint is written before any process reads it
     if stop < steps:
         return None
     return round(checkpoints.saved_seconds(path) / 60, 1)
@@ -200,6 +234,8 @@ def train_teacher(latents, caption_index, text_embeddings, steps: int, batch: in
                   save_every: int, command, caption_dropout: float = 0.1, until=None):
     """latents: [N, 4, 8, 8] scaled; caption_index: [N] rows of text_embeddings (row 0 = "")."""
     torch.manual_seed(3)
+    rank, processes = data_parallel()
+    share = slice(rank, None, processes)  # this process's samples of every batch
     unet = build_unet(cross_attention_dim=text_embeddings.shape[-1])
     ema = copy.deepcopy(unet).requires_grad_(False)
 
@@ -214,6 +250,7 @@ def train_teacher(latents, caption_index, text_embeddings, steps: int, batch: in
         rows = torch.where(torch.rand(batch, generator=generator) < caption_dropout, 0, rows)
         t = torch.randint(1, 1000, (batch,), generator=generator)
         eps = torch.randn(x0.shape, generator=generator)
+        x0, rows, t, eps = x0[share], rows[share], t[share], eps[share]
         x_t = SD15_SCHEDULE.add_noise(x0, eps, t)
         prediction = unet(x_t, t, text_embeddings[rows]).sample
         squared_error = ((prediction - eps) ** 2).mean(dim=(1, 2, 3))
@@ -221,7 +258,7 @@ def train_teacher(latents, caption_index, text_embeddings, steps: int, batch: in
 
     minutes = run_stage("teacher", unet, loss_fn, steps, 5e-4, save_every,
                         extra_models={"teacher_ema": ema}, until=until)
-    if minutes is None:  # a later run resumes, finishes and ships it
+    if minutes is None or rank > 0:  # a later run resumes and ships it / rank 0 ships it
         return None
     ship("unet", ema.eval(), command, train_minutes=minutes)
     return ema
@@ -242,13 +279,20 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.until_step is not None and args.stage not in ("vae", "teacher"):
         parser.error("--until-step applies to --stage vae or --stage teacher only")
+    processes = data_parallel()[1]
+    if processes > 1 and args.stage != "teacher":
+        parser.error("only --stage teacher runs in several processes (torchrun); CLIP's "
+                     "contrastive loss needs whole batches and the other stages are small")
     torch.set_num_threads(args.threads)
-    command = "python -m icd_lite.world.train " + " ".join(argv if argv is not None
+    launcher = "python -m" if processes == 1 else f"torchrun --nproc_per_node {processes} -m"
+    command = f"{launcher} icd_lite.world.train " + " ".join(argv if argv is not None
                                                              else sys.argv[1:])
     start = time.time()
     images, captions, _ = make_dataset(NUM_TRAIN, TRAIN_SEED)
     tokenizer = build_tokenizer()
-    print(f"dataset: {len(images)} scenes in {time.time() - start:.0f} s")
+    quiet = data_parallel()[0] > 0  # under torchrun, rank 0 reports
+    if not quiet:
+        print(f"dataset: {len(images)} scenes in {time.time() - start:.0f} s")
     stages = ["clip", "vae", "clip-decoded", "teacher"] if args.stage == "all" else [args.stage]
     times = {}
     for stage in stages:
@@ -276,8 +320,10 @@ def main(argv=None) -> None:
             train_teacher(latents, caption_index, embeddings, args.teacher_steps, 64,
                           args.save_every, command, until=args.until_step)
         times[stage] = time.time() - begin
-        print(f"{stage}: {times[stage] / 60:.1f} min")
-    print(f"total: {(time.time() - start) / 60:.1f} min")
+        if not quiet:
+            print(f"{stage}: {times[stage] / 60:.1f} min")
+    if not quiet:
+        print(f"total: {(time.time() - start) / 60:.1f} min")
 
 
 if __name__ == "__main__":
