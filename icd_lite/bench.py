@@ -131,7 +131,8 @@ def print_world(results: dict) -> None:
          f"{results['real_clip_t']:.3f}", ""),
         ("Frechet distance teacher vs real / real vs real",
          f"{results['fd_teacher_vs_real']:.4f} / {results['fd_real_vs_real_floor']:.4f}", ""),
-        *[(f"training time: {k}", f"{v} min", "world (wall clock) <= 45 min")
+        *[(f"training minutes, {k} (summed over its runs)", f"{v} min",
+           "stages overlap: the 45 min bar is make train-world's wall clock")
           for k, v in results["train_minutes"].items()],
     ]
     width = max(len(r[0]) for r in rows)

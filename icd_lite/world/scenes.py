@@ -18,10 +18,10 @@ Geometry is in pixels, (0, 0) at the image's top-left corner, y pointing down. A
 radius r lies inside its box [x - r, x + r] x [y - r, y + r]; boxes lie inside the image with at
 least MIN_GAP px of background between them, so objects never touch. Objects are large for the
 image, radius 7 or 10 px (3.5-5 cells of the 8x8 latent): with radii 5 / 7 (2.5-3.5 cells) the
-teacher drew 55 % of shapes right, with 7 / 10 it draws 94.6 % (measured). So a large object
-leaves no room for a second one, and the two objects of a scene are always small. Shapes are
-drawn with exact inside-tests on a 4x finer grid and averaged down (anti-aliasing); an object's
-mask holds the pixels it covers by more than half. Edits return a new Scene, and
+teacher drew 55 % of shapes right, with 7 / 10 it drew 94.6 % (measured, same training). So a
+large object leaves no room for a second one, and the two objects of a scene are always small.
+Shapes are drawn with exact inside-tests on a 4x finer grid and averaged down (anti-aliasing);
+an object's mask holds the pixels it covers by more than half. Edits return a new Scene, and
 edit_mask(source, target) is the ground truth of an edit: render(source) and render(target)
 agree exactly outside it.
 """
