@@ -1,5 +1,7 @@
 """The weights committed in icd_lite/world/weights/ load, match their manifest, and work."""
 
+import re
+
 import pytest
 import torch
 
@@ -22,7 +24,8 @@ def test_manifest_lists_every_shipped_file_with_its_provenance():
     for name in NAMES:
         entry = manifest[name]
         assert checkpoints.sha256(checkpoints.verified_path(name)) == entry["sha256"]
-        assert entry["command"].startswith("python -m icd_lite.world.train")
+        launcher = r"(python -m|torchrun --nproc_per_node \d+ -m)"
+        assert re.match(launcher + r" icd_lite\.world\.train --stage ", entry["command"])
         assert len(entry["commit"]) >= 40 and entry["train_minutes"] > 0
     total = sum(manifest[name]["bytes"] for name in NAMES)
     assert total <= 25 * 2**20, f"shipped weights are {total / 2**20:.1f} MB, over 25 MB"
