@@ -26,7 +26,9 @@ class Crash(Exception):
 
 def tiny_stage(checkpoint_dir, steps, monkeypatch, save_every=2, crash_at=None, lr=0.5,
                until=None):
-    """run_stage on a Linear model with a teacher-style EMA; batches are seeded by the step."""
+    """run_stage on a Linear model with a teacher-style EMA; batches are seeded by the step.
+
+    Returns (model, ema, minutes): minutes is None when the run stopped at ``until``."""
     monkeypatch.setattr(train, "CHECKPOINT_DIR", checkpoint_dir)
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
@@ -44,8 +46,7 @@ def tiny_stage(checkpoint_dir, steps, monkeypatch, save_every=2, crash_at=None, 
 
     minutes = train.run_stage("toy", model, loss_fn, steps, lr=lr, save_every=save_every,
                               extra_models={"toy_ema": ema}, until=until)
-    tiny_stage.minutes = minutes
-    return model, ema
+    return model, ema, minutes
 
 
 def test_cosine_lr_warms_up_then_decays():
@@ -63,10 +64,10 @@ def test_cosine_lr_warms_up_then_decays():
 
 
 def test_run_stage_resumes_exactly(tmp_path, monkeypatch, capsys):
-    reference, reference_ema = tiny_stage(tmp_path / "uninterrupted", 6, monkeypatch)
+    reference, reference_ema, _ = tiny_stage(tmp_path / "uninterrupted", 6, monkeypatch)
     assert "resuming" not in capsys.readouterr().out
 
-    first, _ = tiny_stage(tmp_path / "interrupted", 4, monkeypatch)
+    first, _, _ = tiny_stage(tmp_path / "interrupted", 4, monkeypatch)
     path = tmp_path / "interrupted" / "toy.safetensors"
     with safe_open(str(path), "pt") as file:
         assert file.metadata()["step"] == "4" and file.metadata()["kind"] == "toy"
@@ -75,7 +76,7 @@ def test_run_stage_resumes_exactly(tmp_path, monkeypatch, capsys):
     assert not torch.equal(first.weight, reference.weight)
     capsys.readouterr()
 
-    resumed, resumed_ema = tiny_stage(tmp_path / "interrupted", 6, monkeypatch)
+    resumed, resumed_ema, _ = tiny_stage(tmp_path / "interrupted", 6, monkeypatch)
     assert "toy: resuming at step 4" in capsys.readouterr().out
     for a, b in [(resumed, reference), (resumed_ema, reference_ema)]:
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
@@ -87,12 +88,13 @@ def test_run_stage_resumes_a_crashed_run_past_the_warmup(tmp_path, monkeypatch, 
     """A 130-step run (100 warm-up steps, then cosine decay) that crashes at step 117 and is
     started again: it resumes from the checkpoint of step 100 and ends where an uninterrupted
     run ends, so the LR schedule was fast-forwarded correctly."""
-    reference, reference_ema = tiny_stage(tmp_path / "a", 130, monkeypatch, save_every=50,
-                                          lr=0.05)
+    reference, reference_ema, _ = tiny_stage(tmp_path / "a", 130, monkeypatch, save_every=50,
+                                             lr=0.05)
     with pytest.raises(Crash):
         tiny_stage(tmp_path / "b", 130, monkeypatch, save_every=50, crash_at=117, lr=0.05)
     capsys.readouterr()
-    resumed, resumed_ema = tiny_stage(tmp_path / "b", 130, monkeypatch, save_every=50, lr=0.05)
+    resumed, resumed_ema, _ = tiny_stage(tmp_path / "b", 130, monkeypatch, save_every=50,
+                                         lr=0.05)
     assert "resuming at step 100" in capsys.readouterr().out
     for a, b in [(resumed, reference), (resumed_ema, reference_ema)]:
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
@@ -102,15 +104,15 @@ def test_run_stage_stops_at_until_and_a_later_run_finishes_it(tmp_path, monkeypa
     """`make train-world` runs the first steps of a stage on one core (--until-step) and the
     rest on two: the pair ends bit-identical to one uninterrupted run, and only the run that
     reaches the last step reports minutes (and so ships the weights)."""
-    reference, reference_ema = tiny_stage(tmp_path / "a", 7, monkeypatch)
-    assert tiny_stage.minutes is not None
-    tiny_stage(tmp_path / "b", 7, monkeypatch, until=3)  # 3 is not a multiple of save_every
-    assert tiny_stage.minutes is None
+    reference, reference_ema, minutes = tiny_stage(tmp_path / "a", 7, monkeypatch)
+    assert minutes is not None
+    _, _, minutes = tiny_stage(tmp_path / "b", 7, monkeypatch, until=3)  # 3: not a save step
+    assert minutes is None
     with safe_open(str(tmp_path / "b" / "toy.safetensors"), "pt") as file:
         assert file.metadata()["step"] == "3"
     capsys.readouterr()
-    resumed, resumed_ema = tiny_stage(tmp_path / "b", 7, monkeypatch)
-    assert "resuming at step 3" in capsys.readouterr().out and tiny_stage.minutes is not None
+    resumed, resumed_ema, minutes = tiny_stage(tmp_path / "b", 7, monkeypatch)
+    assert "resuming at step 3" in capsys.readouterr().out and minutes is not None
     for a, b in [(resumed, reference), (resumed_ema, reference_ema)]:
         assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
 
@@ -126,7 +128,8 @@ def linear_stage(checkpoint_dir, rank=0, processes=1, steps=6):
         x = torch.randn(8, 3, generator=torch.Generator().manual_seed(step))[rank::processes]
         return (model(x) - x @ target.T).pow(2).mean()
 
-    train.run_stage("toy", model, loss_fn, steps, lr=0.1, save_every=2)
+    train.run_stage("toy", model, loss_fn, steps, lr=0.1, save_every=2, rank=rank,
+                    processes=processes)
     return model
 
 

@@ -95,16 +95,17 @@ def average_gradients(model) -> None:
 
 
 def run_stage(name: str, model, loss_fn, steps: int, lr: float, save_every: int,
-              extra_models: dict | None = None, until: int | None = None) -> float | None:
+              extra_models: dict | None = None, until: int | None = None,
+              rank: int = 0, processes: int = 1) -> float | None:
     """The loop shared by the stages: AdamW, cosine schedule, resumable checkpoints.
 
     ``loss_fn(step)`` returns the loss of one batch; ``extra_models`` (e.g. an EMA copy) are
     saved beside the model and updated by the caller. Returns the stage's training time in
     minutes, summed over resumed runs - or None when it stopped at step ``until`` < ``steps``
     (`make train-world` runs part of a stage on one core and resumes it on two).
-    Under ``torchrun`` the gradients are averaged over the processes and only rank 0 saves.
+    With ``processes`` > 1 (``torchrun``, see ``data_parallel``) the gradients are averaged over
+    the processes and only ``rank`` 0 saves.
     """
-    rank, processes = data_parallel()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     scheduler = cosine_lr(optimizer, steps)
     path = CHECKPOINT_DIR / f"{name}.safetensors"
@@ -231,10 +232,12 @@ def min_snr_weight(t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
 
 
 def train_teacher(latents, caption_index, text_embeddings, steps: int, batch: int,
-                  save_every: int, command, caption_dropout: float = 0.1, until=None):
-    """latents: [N, 4, 8, 8] scaled; caption_index: [N] rows of text_embeddings (row 0 = "")."""
+                  save_every: int, command, caption_dropout: float = 0.1, until=None,
+                  rank: int = 0, processes: int = 1):
+    """latents: [N, 4, 8, 8] scaled; caption_index: [N] rows of text_embeddings (row 0 = "").
+
+    ``rank`` / ``processes``: this process's share of every batch under ``torchrun``."""
     torch.manual_seed(3)
-    rank, processes = data_parallel()
     share = slice(rank, None, processes)  # this process's samples of every batch
     unet = build_unet(cross_attention_dim=text_embeddings.shape[-1])
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -257,7 +260,8 @@ def train_teacher(latents, caption_index, text_embeddings, steps: int, batch: in
         return torch.mean(min_snr_weight(t) * squared_error)
 
     minutes = run_stage("teacher", unet, loss_fn, steps, 5e-4, save_every,
-                        extra_models={"teacher_ema": ema}, until=until)
+                        extra_models={"teacher_ema": ema}, until=until, rank=rank,
+                        processes=processes)
     if minutes is None or rank > 0:  # a later run resumes and ships it / rank 0 ships it
         return None
     ship("unet", ema.eval(), command, train_minutes=minutes)
@@ -279,7 +283,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.until_step is not None and args.stage not in ("vae", "teacher"):
         parser.error("--until-step applies to --stage vae or --stage teacher only")
-    processes = data_parallel()[1]
+    rank, processes = data_parallel()
     if processes > 1 and args.stage != "teacher":
         parser.error("only --stage teacher runs in several processes (torchrun); CLIP's "
                      "contrastive loss needs whole batches and the other stages are small")
@@ -290,7 +294,7 @@ def main(argv=None) -> None:
     start = time.time()
     images, captions, _ = make_dataset(NUM_TRAIN, TRAIN_SEED)
     tokenizer = build_tokenizer()
-    quiet = data_parallel()[0] > 0  # under torchrun, rank 0 reports
+    quiet = rank > 0  # under torchrun, rank 0 reports
     if not quiet:
         print(f"dataset: {len(images)} scenes in {time.time() - start:.0f} s")
     stages = ["clip", "vae", "clip-decoded", "teacher"] if args.stage == "all" else [args.stage]
@@ -318,7 +322,8 @@ def main(argv=None) -> None:
             row = {caption: i for i, caption in enumerate(unique)}
             caption_index = torch.tensor([row[c] for c in captions])
             train_teacher(latents, caption_index, embeddings, args.teacher_steps, 64,
-                          args.save_every, command, until=args.until_step)
+                          args.save_every, command, until=args.until_step, rank=rank,
+                          processes=processes)
         times[stage] = time.time() - begin
         if not quiet:
             print(f"{stage}: {times[stage] / 60:.1f} min")
