@@ -2,6 +2,8 @@
 
 import json
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,6 +76,29 @@ def test_weights_only_load_keeps_the_optimizer_untouched(tmp_path):
     assert optimizer.state_dict()["state"] == {}
     for a, b in zip(other.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+SAVE_IN_A_NEW_PROCESS = """
+import sys
+from pathlib import Path
+
+import torch
+from icd_lite.world.checkpoints import save_state
+torch.manual_seed(0)
+save_state(Path(sys.argv[1]), torch.nn.Linear(4, 2), kind="toy")
+"""
+
+
+def test_final_weights_are_byte_identical_across_processes(tmp_path):
+    """Each process orders safetensors' metadata keys at random; final weights carry one key, so
+    two processes saving the same weights write the same bytes (and the manifest's sha256)."""
+    paths = [tmp_path / "first.safetensors", tmp_path / "second.safetensors"]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", SAVE_IN_A_NEW_PROCESS, str(path)], check=True)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    with safe_open(str(paths[0]), "pt") as file:
+        assert file.metadata() == {"kind": "toy"}
+    assert load_state(paths[0], torch.nn.Linear(4, 2), kind="toy") == 0
 
 
 def test_file_is_safetensors_without_pickle(tmp_path):

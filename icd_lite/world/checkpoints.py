@@ -29,9 +29,16 @@ class CheckpointError(RuntimeError):
 def save_state(path: Path, model: torch.nn.Module, optimizer=None, step: int = 0,
                kind: str = "", seconds: float = 0.0) -> None:
     """Write the model's weights (and the optimizer's moments, if given) to a safetensors file;
-    ``seconds`` is the training time so far, carried across resumed runs."""
+    ``seconds`` is the training time so far, carried across resumed runs.
+
+    Final weights (no optimizer, step 0) carry only their ``kind``: safetensors writes metadata
+    keys in a random order, so a file with several keys gets new bytes, and a new sha256, on
+    every run. With one key a rerun of the training reproduces the shipped file byte for byte.
+    """
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    metadata = {"kind": kind, "step": str(step), "seconds": f"{seconds:.3f}"}
+    metadata = {"kind": kind}
+    if optimizer is not None or step or seconds:
+        metadata.update(step=str(step), seconds=f"{seconds:.3f}")
     if optimizer is not None:
         state = optimizer.state_dict()
         for index, moments in state["state"].items():
