@@ -275,7 +275,7 @@ def main(argv=None) -> None:
     parser.add_argument("--clip-steps", type=int, default=4000)
     parser.add_argument("--clip-decoded-steps", type=int, default=1500)
     parser.add_argument("--vae-steps", type=int, default=12000)
-    parser.add_argument("--teacher-steps", type=int, default=3200)
+    parser.add_argument("--teacher-steps", type=int, default=4000)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--until-step", type=int, default=None,
