@@ -259,7 +259,7 @@ def train_teacher(latents, caption_index, text_embeddings, steps: int, batch: in
         squared_error = ((prediction - eps) ** 2).mean(dim=(1, 2, 3))
         return torch.mean(min_snr_weight(t) * squared_error)
 
-    minutes = run_stage("teacher", unet, loss_fn, steps, 5e-4, save_every,
+    minutes = run_stage("teacher", unet, loss_fn, steps, 1e-3, save_every,
                         extra_models={"teacher_ema": ema}, until=until, rank=rank,
                         processes=processes)
     if minutes is None or rank > 0:  # a later run resumes and ships it / rank 0 ships it
@@ -275,7 +275,7 @@ def main(argv=None) -> None:
     parser.add_argument("--clip-steps", type=int, default=4000)
     parser.add_argument("--clip-decoded-steps", type=int, default=1500)
     parser.add_argument("--vae-steps", type=int, default=12000)
-    parser.add_argument("--teacher-steps", type=int, default=4000)
+    parser.add_argument("--teacher-steps", type=int, default=3200)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--until-step", type=int, default=None,
