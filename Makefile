@@ -52,7 +52,7 @@ clean:
 # Retrain every shipped weight from scratch: the toy world, then the iCD student pairs.
 train: train-world train-students
 
-# The toy world (47 min measured on 2 CPU cores); resumes if interrupted. Both cores stay busy:
+# The toy world (35-41 min measured on 2 CPU cores); resumes if interrupted. Both cores stay busy:
 # CLIP and the VAE train side by side, one core each, and the VAE takes both once CLIP is done;
 # then CLIP's image tower on decoded images beside the teacher's first 600 steps, one core each;
 # then the teacher finishes as two one-core processes, each on half of every batch (torchrun).
