@@ -13,7 +13,9 @@ One module per concept, each short enough to read in one sitting:
 * ``metrics``     - PSNR, LPIPS-like, DinoV2-like, CLIP-T, Frechet distance, attribute accuracy
 * ``students``    - UNet students: a teacher copy with a guidance embedding, or LoRA (peft)
 * ``distill``     - the iCD training loop, the recipes of the paper's ablations, shipped pairs
-* ``pipeline``    - ``ICDPipeline``: encode / decode / generate / reconstruct, with NFE counts
+* ``pipeline``    - ``ICDPipeline`` (a diffusers pipeline): encode / decode / generate /
+                    reconstruct with NFE counts; ``load_pipeline("G")`` loads a shipped pair
+* ``device``      - ``resolve_device("auto")``, ``configure_threads``: one device everywhere
 * ``baselines``   - DDIM inversion, null-text inversion, negative-prompt inversion
 * ``evaluation``  - the inversion experiments: Tables 1, 2, 5, 6 and Fig. 4a
 * ``attention``   - Prompt-to-Prompt attention control through diffusers' attention processors
@@ -23,12 +25,20 @@ One module per concept, each short enough to read in one sitting:
 * ``bench``       - ``python -m icd_lite.bench world | inversion | editing``
 * ``cli``         - ``python -m icd_lite edit | invert | generate``
 * ``figures``     - the helper that saves every figure with its numbers
+
+Quick start (the toy world, on a GPU when there is one)::
+
+    import icd_lite
+    pipe = icd_lite.load_pipeline("G", device="auto")
+    out = pipe.generate("a large red circle on a blue background", w=8.0, tau=0.8, seed=0)
+    out.images, out.nfe, out.seconds        # [1, 3, 32, 32] in [-1, 1], 4 NFE, seconds
 """
 
 from ._versions import check_versions
 
 check_versions()
 
+from .device import configure_threads, resolve_device  # noqa: E402
 from .consistency import consistency_fn, decode, encode, sample_consistency  # noqa: E402
 from .guidance import (  # noqa: E402
     GuidanceSchedule,
@@ -69,3 +79,16 @@ from .solver import (  # noqa: E402
 )
 
 __version__ = "0.1.0"
+
+# The pipeline imports diffusers and transformers (seconds): loaded on first use, so that
+# `import icd_lite` stays light for the 2D theory of notebook 01.
+_LAZY = {"ICDPipeline": "pipeline", "load_pipeline": "pipeline", "load_pipelines": "pipeline",
+         "load_components": "components"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'icd_lite' has no attribute {name!r}")

@@ -40,7 +40,7 @@ import torch
 
 from . import editing_evaluation, evaluation, metrics, toybench
 from .components import load_components
-from .distill import load_pipelines
+from .pipeline import load_pipelines
 from .guidance import classical_to_code, constant_guidance, guided_model
 from .solver import sample_ddim, sampling_timesteps
 from .world.checkpoints import read_manifest

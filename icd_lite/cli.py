@@ -30,7 +30,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from .attention import controlled_steps
-from .distill import load_pipeline
+from .pipeline import load_pipeline
 from .editing import P2PSettings, icd_edit
 from .metrics import psnr
 from .world.checkpoints import CheckpointError
@@ -151,7 +151,7 @@ def run_edit(args) -> None:
     words = blend_words(args.blend, source, target)
     picture = open_rgb(args.image)
     pipeline = load_pipeline(RECIPE_FOR_STEPS[args.steps])
-    image = to_tensor(picture, pipeline.components.image_size, args.image)
+    image = to_tensor(picture, pipeline.base.image_size, args.image)
     p2p = P2PSettings(cross_fraction=args.cross, self_fraction=args.self_fraction,
                       amplify=args.amplify)
     edit = icd_edit(pipeline, image, source, target, w=args.w, tau=args.tau, p2p=p2p,
@@ -174,7 +174,7 @@ def run_invert(args) -> None:
     picture = open_rgb(args.image)
     recipe = RECIPE_FOR_STEPS[args.steps]
     pipeline = load_pipeline(recipe)
-    image = to_tensor(picture, pipeline.components.image_size, args.image)
+    image = to_tensor(picture, pipeline.base.image_size, args.image)
     encoded = pipeline.encode(image, prompt, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file({"noise": encoded.latents.contiguous()}, str(args.out),

@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from .device import resolve_device
 from .schedule import NUM_TRAIN_TIMESTEPS
 from .world.loading import load_clip, load_unet, load_vae
 from .world.models import text_encoder_from_clip
@@ -32,7 +33,11 @@ def ddim_scheduler() -> DDIMScheduler:
 
 @dataclass
 class Components:
-    unet: UNet2DConditionModel
+    """The modules of a Stable-Diffusion-type model and helpers in icd_lite's conventions.
+
+    ``unet`` is the teacher (None in an ``ICDPipeline.base``, which has students instead)."""
+
+    unet: UNet2DConditionModel | None
     vae: AutoencoderKL
     text_encoder: torch.nn.Module
     tokenizer: object
@@ -45,8 +50,14 @@ class Components:
         return self.vae.config.sample_size
 
     @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent cell along a side: 8 on SD1.5, 4 on the toy world."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
     def device(self) -> torch.device:
-        return self.unet.device
+        """Where the models run (the VAE's device; every module is moved together)."""
+        return self.vae.device
 
     def clean_prompts(self, prompts) -> list[str]:
         """The prompts as the text encoder reads them: on the toy world lower-cased and checked
@@ -98,11 +109,13 @@ class Components:
         return eps
 
 
-def load_components(preset: str = "toy", device: str = "cpu",
+def load_components(preset: str = "toy", device: str | torch.device = "cpu",
                     model_id: str = SD15_MODEL_ID, dtype: torch.dtype | None = None) -> Components:
     """The model of ``preset``: "toy" (shipped weights, checked against their sha256) or "sd15"
     (Stable Diffusion 1.5 from the Hugging Face hub or a local copy: ``model_id`` may be a
-    path)."""
+    path), with every module on ``device`` ("cpu", "cuda", "cuda:N", or "auto": CUDA when
+    available). Raises ValueError for an unknown preset or a device this machine lacks."""
+    device = resolve_device(device)
     if preset == "toy":
         tokenizer = build_tokenizer()
         clip = load_clip(tokenizer)

@@ -78,10 +78,11 @@ def encode(student: Student, x0: torch.Tensor, boundaries: Boundaries, cond,
            disable=True) -> torch.Tensor:
     """fCD_m: data -> noise in m jumps, always unguided (method.md section 5).
 
-    x0 is first noised to t = ``start`` (19) with seeded eps, since the students are trained on
+    x0 is first noised to t = ``start`` (19) with eps drawn from ``generator`` (a CPU generator;
+    the draw is moved to x0's device), since the students are trained on
     the DDIM grid and never see t = 0; then (19 -> b_1 -> ... -> 999).
     """
-    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
-    x = schedule.add_noise(x0, eps, start)
+    eps = torch.randn(x0.shape, generator=generator)  # CPU float32: the same eps everywhere
+    x = schedule.add_noise(x0, eps.to(x0.device, x0.dtype), start)
     return sample_consistency(student, x, boundaries.encoding_steps(start), cond, None,
                               schedule, callback, disable)

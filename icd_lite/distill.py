@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 from . import metrics
 from .components import Components, load_components
 from .losses import ICDConfig, icd_training_step
-from .pipeline import ICDPipeline
+from .device import add_device_arguments, configure_threads, resolve_device
+from .pipeline import STUDENTS_DIR, ICDPipeline, save_students
 from .schedule import Boundaries, default_boundaries
 from .students import add_lora, merged_unet, student_from_teacher, trainable_parameters
 from .world import checkpoints
@@ -55,8 +56,12 @@ class Recipe:
     forward_cd: bool = True
     about: str = ""
 
+    @property
+    def boundaries(self) -> Boundaries:
+        return default_boundaries(self.m)
+
     def icd_config(self, w_code_choices=(0.0, 7.0, 11.0, 15.0, 19.0)) -> ICDConfig:
-        return ICDConfig(default_boundaries(self.m), w_code_choices, self.lambda_f,
+        return ICDConfig(self.boundaries, w_code_choices, self.lambda_f,
                          self.lambda_r, forward_cd=self.forward_cd)
 
 
@@ -87,7 +92,10 @@ class LatentCaptions:
     embeddings: torch.Tensor
 
     def batch(self, size: int, generator: torch.Generator):
-        index = torch.randint(len(self.latents), (size,), generator=generator)
+        """(z0 [size, C, h, w], cond [size, L, D], null [size, L, D]), drawn with the CPU
+        ``generator`` and returned on the latents' device."""
+        index = torch.randint(len(self.latents), (size,), generator=generator)  # CPU
+        index = index.to(self.latents.device)
         cond = self.embeddings[self.caption_index[index]]
         null = self.embeddings[:1].expand_as(cond)
         return self.latents[index], cond, null
@@ -102,7 +110,8 @@ def encode_dataset(components: Components, images: torch.Tensor, captions: list[
     latents = torch.cat([components.encode_images(part) for part in images.split(chunk)])
     embeddings = torch.cat([components.encode_prompt(unique[i:i + chunk])
                             for i in range(0, len(unique), chunk)])
-    return LatentCaptions(latents, torch.tensor([row[c] for c in captions]), embeddings)
+    caption_index = torch.tensor([row[c] for c in captions], device=latents.device)
+    return LatentCaptions(latents, caption_index, embeddings)
 
 
 class TrainingCurve:
@@ -112,12 +121,14 @@ class TrainingCurve:
     def __init__(self, components: Components, n: int = 128, seed: int = EVAL_SEED):
         self.components = components
         self.perception = metrics.ToyPerception(components.clip, components.tokenizer)
-        self.images, self.captions, _ = make_dataset(n, seed)
+        images, self.captions, _ = make_dataset(n, seed)
+        self.images = images.to(components.device)  # [n, 3, 32, 32] in [-1, 1]
         self.real_features = self.perception.image_embeddings(self.images)
 
     @torch.no_grad()
     def __call__(self, forward, reverse, boundaries: Boundaries) -> dict:
-        pipe = ICDPipeline(self.components, forward, reverse, boundaries)
+        pipe = ICDPipeline.from_components(self.components, forward.unet, reverse.unet,
+                                           boundaries)
         reconstruction = pipe.reconstruct(self.images, self.captions, w=1.0).images
         generated = pipe.generate(self.captions, w=8.0, tau=0.8, seed=1).images
         features = self.perception.image_embeddings(generated)
@@ -198,55 +209,25 @@ def _resume(stem: Path | None, models, optimizers):
         Path(f"{stem}_reverse.safetensors"))
 
 
-def weights_name(recipe_name: str, role: str) -> str:
-    return f"student_{recipe_name}_{role}.safetensors"
-
-
-def ship(recipe_name: str, forward, reverse, history, command: str, minutes: float) -> None:
-    """Store the pair as float16 in the package, with its manifest entries and curve."""
-    for role, student in (("forward", forward), ("reverse", reverse)):
-        half = merged_unet(student).half()
-        path = checkpoints.WEIGHTS_DIR / weights_name(recipe_name, role)
-        checkpoints.save_state(path, half, kind=f"student_{role}")
-        checkpoints.record(path.name, command, train_minutes=minutes, recipe=recipe_name,
+def ship(recipe_name: str, components: Components, forward, reverse, history, command: str,
+         minutes: float) -> None:
+    """Store the pair as float16 in the package (``save_pretrained``'s layout, less the modules
+    shared with the toy world: ``pipeline.save_students``), with its manifest entries and curve."""
+    folder = checkpoints.WEIGHTS_DIR / STUDENTS_DIR / recipe_name
+    pipe = ICDPipeline.from_components(components, merged_unet(forward).half(),
+                                       merged_unet(reverse).half(), RECIPES[recipe_name].boundaries)
+    for path in save_students(pipe, folder):
+        checkpoints.record(str(path.relative_to(checkpoints.WEIGHTS_DIR)), command,
+                           train_minutes=minutes, recipe=recipe_name,
                            **asdict(RECIPES[recipe_name]))
     curve = [entry for entry in history if "reconstruction_mse" in entry]
-    path = checkpoints.WEIGHTS_DIR / f"student_{recipe_name}_curve.json"
-    path.write_text(json.dumps(curve, indent=1) + "\n")
-
-
-def load_students(teacher_unet, recipe_name: str):
-    """The shipped pair of ``recipe_name``: (forward, reverse, boundaries), in eval mode."""
-    recipe = get_recipe(recipe_name)
-    forward, reverse = build_students(teacher_unet)
-    for role, student in (("forward", forward), ("reverse", reverse)):
-        path = checkpoints.verified_path(weights_name(recipe_name, role))
-        checkpoints.load_state(path, student.unet, kind=f"student_{role}")
-        student.eval().requires_grad_(False)
-    return forward, reverse, default_boundaries(recipe.m)
-
-
-def shipped_recipes() -> list[str]:
-    """The recipes whose student pair is in the weights manifest, in the order of RECIPES."""
-    manifest = checkpoints.read_manifest()
-    return [name for name in RECIPES if weights_name(name, "reverse") in manifest]
-
-
-def load_pipeline(recipe_name: str = "G", components: Components | None = None) -> ICDPipeline:
-    """The shipped student pair of ``recipe_name`` on the toy world, ready to encode / decode."""
-    components = components or load_components("toy")
-    return ICDPipeline(components, *load_students(components.unet, recipe_name))
-
-
-def load_pipelines(components: Components, recipes=None) -> dict[str, ICDPipeline]:
-    """An ICDPipeline for each shipped recipe (or for ``recipes``), sharing the components."""
-    return {name: load_pipeline(name, components) for name in (recipes or shipped_recipes())}
+    (folder / "training_curve.json").write_text(json.dumps(curve, indent=1) + "\n")
 
 
 def load_curve(recipe_name: str) -> list[dict]:
     """The training curve (Fig. 11) recorded when the shipped pair was distilled."""
     get_recipe(recipe_name)
-    path = checkpoints.WEIGHTS_DIR / f"student_{recipe_name}_curve.json"
+    path = checkpoints.WEIGHTS_DIR / STUDENTS_DIR / recipe_name / "training_curve.json"
     if not path.exists():
         raise checkpoints.CheckpointError(f"no training curve {path}; {checkpoints.REBUILD}")
     return json.loads(path.read_text())
@@ -262,15 +243,16 @@ def main(argv=None) -> None:
     parser.add_argument("--lora-rank", type=int, default=None,
                         help="train LoRA adapters of this rank instead of full copies")
     parser.add_argument("--eval-every", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=2)
+    add_device_arguments(parser, threads=2)
     args = parser.parse_args(argv)
     names = list(RECIPES) if args.recipe == "all" else [args.recipe]
     for name in names:
         get_recipe(name)
-    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    configure_threads(device, args.threads)
     command = "python -m icd_lite.distill " + " ".join(argv if argv is not None
                                                        else sys.argv[1:])
-    components = load_components("toy")
+    components = load_components("toy", device=device)
     images, captions, _ = make_dataset(NUM_TRAIN, TRAIN_SEED)
     data = encode_dataset(components, images, captions)
     curve = TrainingCurve(components)
@@ -280,7 +262,8 @@ def main(argv=None) -> None:
                                             args.batch, args.lr, args.lora_rank, stem,
                                             curve=curve, eval_every=args.eval_every)
         minutes = round(checkpoints.saved_seconds(Path(f"{stem}_reverse.safetensors")) / 60, 1)
-        ship(name, forward, reverse, history, f"{command} (recipe {name})", minutes)
+        ship(name, components, forward, reverse, history, f"{command} (recipe {name})",
+             minutes)
         print(f"{name} ({RECIPES[name].about}): {minutes} min, {history[-1]}")
 
 

@@ -115,7 +115,7 @@ def icd_edit(pipeline: ICDPipeline, images: torch.Tensor, sources, targets, w: f
     target words to reweight, e.g. [("blue",)] (default: the words that changed).
     """
     begin = time.perf_counter()
-    components, batch = pipeline.components, len(images)
+    components, batch = pipeline.base, len(images)
     sources, targets = _prompt_pairs(components, images, sources, targets)
     controller = _controller(p2p, components, sources, targets, pipeline.boundaries.m,
                              blend_words, amplify_words)
@@ -127,7 +127,7 @@ def icd_edit(pipeline: ICDPipeline, images: torch.Tensor, sources, targets, w: f
     with attention_control(pipeline.reverse_student.unet, controller):
         for i, (t, s) in enumerate(pipeline.boundaries.decoding_steps()):
             controller.begin_step(i)
-            w_code = torch.tensor([0.0] * batch + [guidance(t)] * batch)
+            w_code = torch.tensor([0.0] * batch + [guidance(t)] * batch, device=x.device)
             x = controller.blend_latents(consistency_fn(reverse, x, t, s, cond, w_code))
         controller.finish()
     reconstructed, edited = components.decode_latents(x).chunk(2)
@@ -141,7 +141,7 @@ def prompt_switch_edit(pipeline: ICDPipeline, images: torch.Tensor, sources, tar
     on the unguided steps the source prompt's embeddings stand in for the target's (so with
     w = 1 every step is unguided and the result is the reconstruction)."""
     begin = time.perf_counter()
-    components = pipeline.components
+    components = pipeline.base
     sources, targets = _prompt_pairs(components, images, sources, targets)
     source_cond, target_cond = components.encode_prompt(sources + targets).chunk(2)
     x, encoder_nfe = pipeline.encode_latents(components.encode_images(images), source_cond, seed)

@@ -104,17 +104,18 @@ def bare_network_calls(pipe: ICDPipeline, image: torch.Tensor, prompt: str):
     """A function making the 2m student calls of one iCD edit alone: m encoder calls on one
     latent, m decoder calls on a batch of two, on the same inputs as an edit, without hooks, VAE
     or text encoder."""
-    latents = pipe.components.encode_images(image)
-    cond = pipe.components.encode_prompt([prompt])
-    pair, zero = torch.cat([cond, cond]), torch.zeros(1)
+    latents = pipe.base.encode_images(image)
+    cond = pipe.base.encode_prompt([prompt])
+    device = latents.device
+    pair, zero = torch.cat([cond, cond]), torch.zeros(1, device=device)
 
     @torch.no_grad()
     def calls():
         for t, _ in pipe.boundaries.encoding_steps():
-            pipe.forward_student(latents, torch.tensor([t]), None, cond, zero)
+            pipe.forward_student(latents, torch.tensor([t], device=device), None, cond, zero)
         for t, _ in pipe.boundaries.decoding_steps():
-            pipe.reverse_student(latents.repeat(2, 1, 1, 1), torch.tensor([t, t]), None, pair,
-                                 torch.tensor([0.0, 19.0]))
+            pipe.reverse_student(latents.repeat(2, 1, 1, 1), torch.tensor([t, t], device=device),
+                                 None, pair, torch.tensor([0.0, 19.0], device=device))
     return calls
 
 

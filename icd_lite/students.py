@@ -40,6 +40,8 @@ class UNetStudent(nn.Module):
         self.unet = unet
 
     def forward(self, x, t, s, cond, w_code):
+        # On the CPU whatever the device: its angles reach 2e4 rad, where a GPU's sin rounds
+        # differently, and the same w must give the same embedding (and image) everywhere.
         embedding = guidance_embedding(w_code.float().cpu(), self.unet.config.time_cond_proj_dim)
         return self.unet(x, t, encoder_hidden_states=cond,
                          timestep_cond=embedding.to(x.device, x.dtype)).sample

@@ -4,7 +4,7 @@ ships pairs that load back (on the shipped toy teacher, a few steps on a handful
 import pytest
 import torch
 
-from icd_lite import distill
+from icd_lite import distill, load_pipeline
 from icd_lite.components import load_components
 from icd_lite.metrics import mse
 from icd_lite.pipeline import ICDPipeline
@@ -41,7 +41,7 @@ def test_distillation_lowers_the_reconstruction_error(components, data):
 
     @torch.no_grad()
     def reconstruction_error(forward, reverse, boundaries):
-        pipe = ICDPipeline(components, forward, reverse, boundaries)
+        pipe = ICDPipeline.from_components(components, forward.unet, reverse.unet, boundaries)
         reconstruction = pipe.reconstruct(images, captions, w=1.0).images
         return {"reconstruction_mse": mse(reconstruction, images).mean().item()}
 
@@ -93,24 +93,33 @@ def test_lora_distillation_and_merging(components, data):
 
 
 def test_ship_and_load_round_trip(components, data, tmp_path, monkeypatch):
+    """A shipped pair is a save_pretrained folder; load_pipeline reads it back (float16 on disk),
+    checked against the manifest."""
     monkeypatch.setattr(checkpoints, "WEIGHTS_DIR", tmp_path)
     monkeypatch.setattr(checkpoints, "MANIFEST", tmp_path / "manifest.json")
     forward, reverse, _ = distill.distill(components, distill.RECIPES["B"], data, steps=1,
                                           batch=2, lr=1e-2)
     history = [{"step": 1, "reconstruction_mse": 0.1, "frechet_distance": 0.2}]
-    distill.ship("B", forward, reverse, history, "test", minutes=0.0)
-    loaded_forward, loaded_reverse, boundaries = distill.load_students(components.unet, "B")
-    assert boundaries.m == 3
+    distill.ship("B", components, forward, reverse, history, "test", minutes=0.0)
+    assert (tmp_path / "students" / "B" / "model_index.json").exists()
+    pipe = load_pipeline("B", components)
+    assert pipe.boundaries == distill.RECIPES["B"].boundaries and pipe.boundaries.m == 3
     x, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([300]), data.embeddings[1:2]
     with torch.no_grad():
         for parameter in reverse.parameters():  # students ship as float16
             parameter.copy_(parameter.half().float())
         a = reverse(x, t, t, cond, torch.tensor([7.0]))
-        b = loaded_reverse(x, t, t, cond, torch.tensor([7.0]))
+        b = pipe.reverse_student(x, t, t, cond, torch.tensor([7.0]))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert distill.load_curve("B") == history
-    with pytest.raises(checkpoints.CheckpointError, match="make train"):
-        distill.load_students(components.unet, "C")
+    with pytest.raises(ValueError, match="no shipped student pair 'C'; the toy world ships B"):
+        load_pipeline("C", components)
+    path = tmp_path / "students" / "B" / "reverse_unet" / "diffusion_pytorch_model.safetensors"
+    corrupt = bytearray(path.read_bytes())
+    corrupt[-1] ^= 0xFF
+    path.write_bytes(bytes(corrupt))
+    with pytest.raises(checkpoints.CheckpointError, match="sha256 does not match"):
+        load_pipeline("B", components)
 
 
 def test_unknown_recipe():

@@ -6,7 +6,7 @@ import torch
 from icd_lite.attention import (AlignmentError, PromptToPrompt, attention_control,
                                 changed_words, token_mapping, word_positions)
 from icd_lite.components import load_components
-from icd_lite.distill import load_pipeline
+from icd_lite import load_pipeline
 from icd_lite.editing import P2PSettings, baseline_edit, icd_edit, prompt_switch_edit
 from icd_lite.world.scenes import make_dataset
 

@@ -7,6 +7,8 @@ must equal m DDIM steps of the teacher over the boundaries: a parity test of the
 import pytest
 import torch
 
+from diffusers import DiffusionPipeline
+
 from icd_lite import baselines
 from icd_lite.components import load_components
 from icd_lite.pipeline import ICDPipeline, guidance_schedule
@@ -25,8 +27,9 @@ def components():
 @pytest.fixture(scope="module")
 def pipe(components):
     unet = components.unet
-    return ICDPipeline(components, student_from_teacher(unet).eval(),
-                       student_from_teacher(unet).eval(), default_boundaries(4))
+    return ICDPipeline.from_components(components, student_from_teacher(unet).unet.eval(),
+                                       student_from_teacher(unet).unet.eval(),
+                                       default_boundaries(4))
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +117,41 @@ def test_null_text_inversion_keeps_one_embedding_per_step(components, scenes):
     # each u_t is its own tensor: Adam's in-place updates of later steps must not reach it
     assert len({u.data_ptr() for u in nulls}) == len(nulls) == 10
     assert (nulls[0] - nulls[-1]).abs().max() > 1e-3
+
+
+def test_is_a_diffusers_pipeline_with_the_six_modules(pipe):
+    assert isinstance(pipe, DiffusionPipeline)
+    assert set(pipe.components) == {"forward_unet", "reverse_unet", "vae", "text_encoder",
+                                    "tokenizer", "scheduler"}
+    assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32
+
+
+def test_save_pretrained_and_from_pretrained_round_trip(pipe, scenes, tmp_path):
+    """Every module and the boundaries survive a save; the loaded pipeline reconstructs the
+    same images, and moves with .to(dtype) like any diffusers pipeline."""
+    images, captions = scenes
+    small = ICDPipeline.from_components(pipe.base, pipe.forward_unet, pipe.reverse_unet,
+                                        default_boundaries(2))
+    small.save_pretrained(tmp_path)
+    loaded = ICDPipeline.from_pretrained(tmp_path)
+    assert loaded.boundaries == default_boundaries(2) and loaded.config.preset == "toy"
+    expected = small.reconstruct(images, captions, w=8.0, tau=0.8)
+    got = loaded.reconstruct(images, captions, w=8.0, tau=0.8)
+    assert got.nfe == expected.nfe == 4
+    torch.testing.assert_close(got.images, expected.images, rtol=0, atol=1e-6)
+    loaded.to(torch.float64)
+    assert loaded.reverse_unet.dtype == loaded.vae.dtype == torch.float64
+
+
+def test_call_as_lcm_users_expect(pipe):
+    """pipe(prompt, guidance_scale=...) returns PIL images by default; the seed lives in a CPU
+    generator; num_inference_steps must match the boundaries."""
+    prompt = "a small blue square on a white background"
+    out = pipe(prompt, guidance_scale=8.0, num_images_per_prompt=2,
+               generator=torch.Generator().manual_seed(3))
+    assert len(out.images) == 2 and out.images[0].size == (32, 32) and out.nfe == 4
+    tensors = pipe(prompt, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    expected = (pipe.generate(prompt, w=8.0, tau=0.8, seed=3).images + 1) / 2
+    torch.testing.assert_close(tensors, expected, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="decodes in m = 4 steps"):
+        pipe(prompt, num_inference_steps=50)
