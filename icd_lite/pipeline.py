@@ -233,7 +233,7 @@ def shipped_recipes() -> list[str]:
     """The recipes whose student pair ships with the toy world (see ``distill.RECIPES``)."""
     manifest = checkpoints.read_manifest()
     names = {name.split("/")[1] for name in manifest if name.startswith(STUDENTS_DIR + "/")}
-    return sorted(names, key=lambda name: (name[0], len(name)))
+    return sorted(names)
 
 
 def student_folder(recipe_name: str) -> Path:

@@ -1,5 +1,6 @@
 """The weights committed in icd_lite/world/weights/ load, match their manifest, and work."""
 
+import json
 import re
 
 import pytest
@@ -62,3 +63,22 @@ def test_clip_reads_decoded_images_almost_as_well_as_real_ones(toy):
     on_decoded = perception.attribute_accuracy(decoded, scenes)
     assert on_real["shape"] >= 0.95 and on_decoded["shape"] >= 0.9, (on_real, on_decoded)
     assert min(on_decoded["color"], on_decoded["background"]) >= 0.97, on_decoded
+
+
+def test_every_shipped_student_pair_is_a_verified_save_pretrained_folder():
+    """Seven pairs (the paper's ablation recipes), each a diffusers folder whose two weights
+    files match the manifest, with the provenance of their distillation run."""
+    from icd_lite.distill import RECIPES
+    from icd_lite.pipeline import shipped_recipes, student_folder
+
+    assert shipped_recipes() == list(RECIPES)
+    manifest = checkpoints.read_manifest()
+    for name in RECIPES:
+        folder = student_folder(name)  # checks both sha256
+        index = json.loads((folder / "model_index.json").read_text())
+        assert index["_class_name"] == "ICDPipeline"
+        assert len(index["reverse_boundaries"]) == RECIPES[name].m
+        for role in ("forward_unet", "reverse_unet"):
+            entry = manifest[f"students/{name}/{role}/diffusion_pytorch_model.safetensors"]
+            assert entry["recipe"] == name and entry["command"].startswith(
+                "python -m icd_lite.distill")
