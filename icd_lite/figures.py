@@ -1,8 +1,14 @@
 """One helper to save every figure of the notebooks: ``figures/<name>.png`` plus the CSV of the
 numbers drawn in it, so a figure can be checked, re-plotted or compared without re-running.
 
-Where figures go: ``$ICD_LITE_FIGURES`` if set, else ``figures/`` at the root of the source
-checkout, else ``./figures``.
+Where figures go: ``$ICD_LITE_FIGURES`` if set (``make figures`` sets it to the committed
+``figures/``); otherwise a scratch folder, so that a notebook run by hand never overwrites the
+committed figures: ``build/scratch-figures/`` in a source checkout, else ``./icd-lite-figures``
+(on Colab, ``/content/icd-lite-figures``). The first save prints where it writes.
+
+This module never imports matplotlib (it only calls methods of the figure and axes it is given),
+so ``import icd_lite`` and the command line do not need it: it comes with the ``[notebooks]``
+extra.
 """
 
 from __future__ import annotations
@@ -11,18 +17,33 @@ import csv
 import os
 import re
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-import matplotlib.pyplot as plt
+if TYPE_CHECKING:  # for the annotations only
+    import matplotlib.pyplot as plt
+
+SCRATCH = "scratch-figures"             # under build/ in a source checkout
+INSTALLED_SCRATCH = "icd-lite-figures"  # under the working directory elsewhere
+_announced: set[Path] = set()
+
+
+def _source_root() -> Path | None:
+    """The root of the source checkout this module lives in, or None for an installed copy."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").exists() else None
 
 
 def figures_dir() -> Path:
+    """``$ICD_LITE_FIGURES`` if set, else a scratch folder (never the committed ``figures/``)."""
     if os.environ.get("ICD_LITE_FIGURES"):
         return Path(os.environ["ICD_LITE_FIGURES"])
-    root = Path(__file__).resolve().parent.parent
-    if (root / "pyproject.toml").exists():
-        return root / "figures"
-    return Path.cwd() / "figures"
+    root = _source_root()
+    out = root / "build" / SCRATCH if root is not None else Path.cwd() / INSTALLED_SCRATCH
+    if out not in _announced:
+        _announced.add(out)
+        print(f"figures -> {out} (a scratch folder; `make figures` writes the committed "
+              f"figures/ by setting ICD_LITE_FIGURES)")
+    return out
 
 
 def _rows(table) -> tuple[list[str], list[list]]:

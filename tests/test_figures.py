@@ -1,11 +1,15 @@
 """save_figure: a PNG plus the CSV of the numbers drawn in it."""
 
 import csv
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pytest
 
+from icd_lite import figures
 from icd_lite.figures import save_figure
+
+ROOT = Path(__file__).resolve().parent.parent
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -51,6 +55,36 @@ def test_default_directory_from_environment(fig, tmp_path, monkeypatch):
     monkeypatch.setenv("ICD_LITE_FIGURES", str(tmp_path / "env"))
     png = save_figure(fig, "where", {"a": [1]})
     assert png == tmp_path / "env" / "where.png" and png.exists()
+
+
+def test_without_the_variable_nothing_lands_in_committed_figures(fig, tmp_path, monkeypatch,
+                                                                  capsys):
+    # A notebook run by hand (not by `make figures`) must not overwrite the committed figures/:
+    # in a source checkout it writes to build/scratch-figures/, and says so once.
+    monkeypatch.delenv("ICD_LITE_FIGURES", raising=False)
+    monkeypatch.setattr(figures, "_announced", set())
+    assert figures.figures_dir() == ROOT / "build" / "scratch-figures"  # this checkout
+    capsys.readouterr()
+    checkout = tmp_path / "checkout"
+    monkeypatch.setattr(figures, "_source_root", lambda: checkout)
+    first = save_figure(fig, "scratch", {"a": [1]})
+    second = save_figure(fig, "scratch2", {"a": [2]})
+    assert first.parent == second.parent == checkout / "build" / "scratch-figures"
+    assert first.exists() and second.exists()
+    assert not (checkout / "figures").exists()
+    printed = capsys.readouterr().out
+    assert printed.count("figures ->") == 1 and str(first.parent) in printed
+
+
+def test_installed_copy_writes_to_a_scratch_folder_in_the_working_directory(fig, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.delenv("ICD_LITE_FIGURES", raising=False)
+    monkeypatch.setattr(figures, "_announced", set())
+    monkeypatch.setattr(figures, "_source_root", lambda: None)  # e.g. pip-installed on Colab
+    monkeypatch.chdir(tmp_path)
+    png = save_figure(fig, "colab", {"a": [1]})
+    assert png == tmp_path / "icd-lite-figures" / "colab.png" and png.exists()
+    assert not (tmp_path / "figures").exists()
 
 
 def test_mismatched_columns_raise(fig, tmp_path):
