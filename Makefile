@@ -1,5 +1,6 @@
 # icd-lite: two commands do everything.
-#   make figures   run every notebook with papermill (toy preset), figures -> figures/, executed copies -> build/
+#   make figures   run every notebook with papermill (toy preset), figures -> figures/, executed
+#                  copies -> build/; DEVICE=cuda runs them on a GPU
 #   make test      the test suite, including every notebook run with pytest --nbval-lax
 # Both create the virtual environment .venv/ first when it is missing.
 
@@ -8,14 +9,18 @@ VENV       ?= .venv
 # A CPU build of torch by default; on a GPU machine use e.g. TORCH_SPEC="torch" (CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 # Optional papermill parameters file for bigger runs: make figures PARAMS=params/full.yaml
+# (checked first: a key that no notebook's parameters cell declares is refused).
 PARAMS     ?=
+# Where the notebooks' models run: auto (CUDA if available, else CPU), cpu, cuda, cuda:N.
+# It is passed as -p device, which papermill applies after PARAMS: set the device here, not there.
+DEVICE     ?= auto
 
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.icd-lite-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv figures test train train-world train-students lock clean
+.PHONY: venv figures test gpu-check train train-world train-students lock clean
 
 venv: $(STAMP)
 
@@ -28,22 +33,32 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	$(PY) -m pip check
 	touch $@
 
+# The only target that writes the committed figures/: a notebook run any other way writes to a
+# scratch folder (icd_lite/figures.py).
 figures: $(STAMP)
 	@mkdir -p build figures
+	$(if $(PARAMS),@$(PY) -m icd_lite.notebook_params check $(PARAMS) $(NOTEBOOKS))
 	@for nb in $(NOTEBOOKS); do \
 	  echo "== $$nb"; start=$$(date +%s); \
-	  $(PY) -m papermill --kernel python3 --cwd notebooks --log-level WARNING \
-	    $(if $(PARAMS),-f $(PARAMS)) $$nb build/$$(basename $$nb) || exit 1; \
+	  ICD_LITE_FIGURES=$(CURDIR)/figures $(PY) -m papermill --kernel python3 --cwd notebooks \
+	    --log-level WARNING $(if $(PARAMS),-f $(PARAMS)) -p device $(DEVICE) \
+	    $$nb build/$$(basename $$nb) || exit 1; \
 	  echo "   $$(( $$(date +%s) - start )) s"; \
 	done
 
 test: $(STAMP)
 	ICD_LITE_FIGURES=$(CURDIR)/build/test-figures $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
 
-# Re-pin requirements/lock.txt from the current environment (after changing pyproject.toml).
+# Every notebook with device=cuda and small parameters, the three benches and the CLI, timed:
+# for a CUDA machine.
+gpu-check: $(STAMP)
+	bash tools/gpu_check.sh
+
+# Re-pin requirements/lock.txt from the current environment (after changing pyproject.toml):
+# the runtime dependencies and both extras.
 lock: $(STAMP)
-	$(PY) -m pip install --quiet --upgrade -e .
-	( head -2 requirements/lock.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^torch==' ) > requirements/lock.new
+	$(PY) -m pip install --quiet --upgrade -e ".[notebooks,dev]"
+	( grep '^#' requirements/lock.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^torch==' ) > requirements/lock.new
 	mv requirements/lock.new requirements/lock.txt
 
 clean:
