@@ -18,12 +18,14 @@ CHECKED = ("torch", "diffusers", "transformers")
 
 
 def declared_requirements() -> list[Requirement]:
-    """The dependencies of icd-lite as declared in pyproject.toml."""
+    """The runtime dependencies of icd-lite as declared in pyproject.toml (not the extras)."""
     pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
     if pyproject.exists():
         with open(pyproject, "rb") as file:
             return [Requirement(r) for r in tomllib.load(file)["project"]["dependencies"]]
-    return [Requirement(r) for r in metadata.requires("icd-lite") or []]
+    requirements = [Requirement(r) for r in metadata.requires("icd-lite") or []]
+    # The installed metadata lists the extras too, as `name>=x; extra == "notebooks"`.
+    return [r for r in requirements if r.marker is None or "extra" not in str(r.marker)]
 
 
 def check_versions(requirements: list[Requirement] | None = None) -> None:
