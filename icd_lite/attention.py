@@ -94,15 +94,17 @@ def token_mapping(tokenizer, source: str, target: str, mode: str = "auto"):
     else:
         raise ValueError(f"unknown alignment mode {mode!r}; choose 'auto', 'replace' or 'refine'")
     padding = [min(len(src) + k, length - 1) for k in range(length - len(tgt))]
-    return (torch.tensor(mapping + padding), torch.tensor(aligned + [True] * len(padding)))
+    # CPU bookkeeping, moved to the attention maps' device where it is used
+    return (torch.tensor(mapping + padding, device="cpu"),
+            torch.tensor(aligned + [True] * len(padding), device="cpu"))
 
 
 def word_positions(tokenizer, prompt: str, words) -> torch.Tensor:
-    """Bool [L]: the token positions of ``words`` in the prompt (every occurrence)."""
+    """Bool [L] on the CPU: the token positions of ``words`` in the prompt (every occurrence)."""
     if isinstance(words, str) or not all(isinstance(word, str) for word in words):
         raise ValueError(f"words must be a tuple of words, e.g. ('circle',), got {words!r}")
     ids = tokenize(tokenizer, [prompt]).input_ids[0]
-    selected = torch.zeros(len(ids), dtype=torch.bool)
+    selected = torch.zeros(len(ids), dtype=torch.bool, device="cpu")  # bookkeeping, as the ids
     for word in words:
         word_ids = _tokens(tokenizer, word)[1:-1]
         found = [i for i in range(len(ids) - len(word_ids) + 1)
@@ -146,6 +148,9 @@ class PromptToPrompt:
     None (no blend; two empty word lists, e.g. for a new background, mean the same).
     ``amplify_words``: a list with, per edit, the target words to reweight, or None (the words
     that changed). Both default to None for every edit.
+
+    The token bookkeeping (``mapping``, ``aligned``, ``equalizer``, the blend words' positions)
+    stays on the CPU and is moved to the attention maps' device where it meets them.
     """
 
     def __init__(self, tokenizer, sources: list[str], targets: list[str], num_steps: int,
@@ -166,7 +171,7 @@ class PromptToPrompt:
         self.mapping = torch.stack([m for m, _ in pairs])  # [B, L]
         self.aligned = torch.stack([a for _, a in pairs]).float()
         amplify_words = _one_per_edit(amplify_words, batch, "amplify_words")
-        self.equalizer = torch.ones(self.mapping.shape)
+        self.equalizer = torch.ones(self.mapping.shape, device="cpu")
         for i, (source, target, words) in enumerate(zip(sources, targets, amplify_words)):
             words = changed_words(source, target) if words is None else words
             self.equalizer[i, word_positions(tokenizer, target, words)] = amplify
@@ -224,8 +229,9 @@ class PromptToPrompt:
 
     def _word_mask(self, maps: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
         if not words.any():
-            return torch.zeros((1, *maps.shape[-2:]), dtype=torch.bool)
-        word_map = F.max_pool2d(maps[words].sum(0, keepdim=True), 3, stride=1, padding=1)
+            return torch.zeros((1, *maps.shape[-2:]), dtype=torch.bool, device=maps.device)
+        word_map = F.max_pool2d(maps[words.to(maps.device)].sum(0, keepdim=True), 3, stride=1,
+                                padding=1)
         low, high = word_map.min(), word_map.max()
         return (word_map - low) / (high - low).clamp_min(1e-12) > self.blend_threshold
 

@@ -141,7 +141,8 @@ def guided_model(model, null_cond, guidance: GuidanceSchedule):
 def guidance_embedding(w_code: torch.Tensor, dim: int = 512) -> torch.Tensor:
     """Sinusoidal embedding of w_code * 1000, shape [B, dim] (LCM's guidance-scale embedding).
 
-    emb = [sin(1000 w f_k), cos(1000 w f_k)], f_k = exp(-k log(10000) / (dim/2 - 1)).
+    emb = [sin(1000 w f_k), cos(1000 w f_k)], f_k = exp(-k log(10000) / (dim/2 - 1)), on the
+    device of ``w_code`` (a tensor; a list or number gives a CPU embedding).
     """
     w_code = torch.as_tensor(w_code, dtype=torch.float32)
     if w_code.ndim != 1:
@@ -153,8 +154,8 @@ def guidance_embedding(w_code: torch.Tensor, dim: int = 512) -> torch.Tensor:
     half = dim // 2
     # Same float32 operations, in the same order, as diffusers: angles reach ~2e4 rad, so a
     # different rounding of the frequencies would change the embedding by ~1e-3.
-    log_step = torch.log(torch.tensor(10000.0)) / (half - 1)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -log_step)
+    log_step = torch.log(torch.tensor(10000.0, device=w_code.device)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w_code.device) * -log_step)
     angles = (w_code * 1000.0)[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
     if dim % 2 == 1:

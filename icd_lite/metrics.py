@@ -20,6 +20,11 @@ Frechet distance between Gaussians fitted to two feature sets::
     FD = ||mu_1 - mu_2||^2 + Tr(S_1 + S_2 - 2 (S_1 S_2)^{1/2})
 
 with Tr((S_1 S_2)^{1/2}) = sum of square roots of the eigenvalues of S_1 S_2.
+
+Devices: the pixel metrics compare ``b`` (and the mask) on the device of ``a``, so a generated
+batch on a GPU can be scored against reference images loaded on the CPU; ``ToyPerception`` moves
+images and text tokens to its CLIP's device; the Frechet distance is computed in float64 on the
+CPU (a 64x64 eigenproblem: the same numbers from features made on any device).
 """
 
 from __future__ import annotations
@@ -42,9 +47,15 @@ def _check_images(*images: torch.Tensor) -> None:
         raise ValueError(f"image batches differ in shape: {[tuple(x.shape) for x in images]}")
 
 
+def _on_device_of(a: torch.Tensor, *others):
+    """The other tensors (None passes through) on the device of ``a``."""
+    return [x if x is None else x.to(a.device) for x in others]
+
+
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image mean squared error on the [0, 1] scale, shape [B]."""
     _check_images(a, b)
+    (b,) = _on_device_of(a, b)
     return (((a - b) / 2) ** 2).flatten(1).mean(1)
 
 
@@ -56,6 +67,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def masked_mse(a, b, keep: torch.Tensor) -> torch.Tensor:
     """MSE over the pixels where ``keep`` ([B, H, W] bool) is True, e.g. outside an edit mask."""
     _check_images(a, b)
+    b, keep = _on_device_of(a, b, keep)
     keep = keep[:, None].float()
     return ((((a - b) / 2) ** 2) * keep).flatten(1).sum(1) / (3 * keep.flatten(1).sum(1)).clamp_min(1)
 
@@ -68,6 +80,7 @@ def ssim(a, b, keep: torch.Tensor | None = None, window: int = 7) -> torch.Tenso
     """Structural similarity (Wang et al. 2004, uniform window) per image, averaged over the
     pixels where ``keep`` is True (all pixels by default)."""
     _check_images(a, b)
+    b, keep = _on_device_of(a, b, keep)
     a, b = (a.clamp(-1, 1) + 1) / 2, (b.clamp(-1, 1) + 1) / 2
     c1, c2 = 0.01**2, 0.03**2
 
@@ -94,7 +107,7 @@ def frechet_distance(features_a: torch.Tensor, features_b: torch.Tensor) -> floa
         raise ValueError("feature sets must be [N, D] with the same D")
     if min(len(features_a), len(features_b)) < 2:
         raise ValueError("need at least two samples per set")
-    a, b = features_a.double(), features_b.double()
+    a, b = features_a.detach().double().cpu(), features_b.detach().double().cpu()
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
     eigenvalues = torch.linalg.eigvals(cov_a @ cov_b).real.clamp_min(0)
@@ -110,10 +123,16 @@ class ToyPerception:
         self.tokenizer = tokenizer or build_tokenizer()
         self._attribute_table = None
 
+    @property
+    def device(self) -> torch.device:
+        """Where the CLIP runs; images and prompts are moved there."""
+        return next(self.clip.parameters()).device
+
     @torch.no_grad()
     def _vision(self, images: torch.Tensor):
         _check_images(images)
-        return self.clip.vision_model(pixel_values=images, output_hidden_states=True)
+        return self.clip.vision_model(pixel_values=images.to(self.device),
+                                      output_hidden_states=True)
 
     @torch.no_grad()
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
@@ -123,7 +142,8 @@ class ToyPerception:
 
     @torch.no_grad()
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
-        pooled = self.clip.text_model(**tokenize(self.tokenizer, prompts)).pooler_output
+        tokens = tokenize(self.tokenizer, prompts).to(self.device)
+        pooled = self.clip.text_model(**tokens).pooler_output
         return F.normalize(self.clip.text_projection(pooled), dim=-1)
 
     def clip_t(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

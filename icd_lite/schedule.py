@@ -43,8 +43,10 @@ class NoiseSchedule:
         self.num_train_timesteps = num_train_timesteps
         # "scaled_linear": linear in sqrt(beta), as in Stable Diffusion. Computed in float32
         # exactly as diffusers does, so that our solver and diffusers' schedulers agree to 1e-6.
+        # The tables stay on the CPU: alpha(t) / sigma(t) look them up there and callers move
+        # the values to their tensors' device (``broadcast_to``), the same numbers everywhere.
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps,
-                               dtype=torch.float32) ** 2
+                               dtype=torch.float32, device="cpu") ** 2
         self.betas = betas
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # abar_t
         alpha = self.alphas_cumprod.sqrt().double()

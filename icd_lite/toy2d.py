@@ -18,6 +18,10 @@ exact probability-flow ODE, so every error in notebook 01 is the method's, never
 
 The module also holds the small MLP that plays the student in 2D, and the one-call distillation
 used by notebook 01.
+
+Devices: ``default_world(device)`` (or ``world.to(device)``) puts the mixture's tensors on a
+device, and the MLPs train where the world is. Every random draw comes from a CPU
+``torch.Generator`` and is then moved, so a seed gives the same points on any device.
 """
 
 from __future__ import annotations
@@ -50,6 +54,15 @@ class GaussianMixture2D:
     def num_classes(self) -> int:
         return int(self.classes.max()) + 1
 
+    @property
+    def device(self) -> torch.device:
+        return self.means.device
+
+    def to(self, device) -> "GaussianMixture2D":
+        """The same world with its tensors on ``device``."""
+        return GaussianMixture2D(self.means.to(device), self.stds.to(device),
+                                 self.weights.to(device), self.classes.to(device), self.schedule)
+
     def _check_labels(self, labels: torch.Tensor) -> torch.Tensor:
         labels = torch.as_tensor(labels, dtype=torch.long)
         bad = (labels < NULL_LABEL) | (labels >= self.num_classes)
@@ -59,29 +72,33 @@ class GaussianMixture2D:
         return labels
 
     def sample(self, n: int, labels=None, generator: torch.Generator | None = None):
-        """n clean points x_0 and their class labels (drawn from the prior when not given)."""
+        """n clean points x_0 and their class labels (drawn from the prior when not given), on
+        the world's device; ``generator`` is a CPU generator (the draws are made on the CPU)."""
         if labels is None:
-            component = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+            component = torch.multinomial(self.weights.cpu(), n, replacement=True,
+                                          generator=generator)
         else:
-            labels = self._check_labels(labels).expand(n)
+            labels = self._check_labels(labels).to(self.device).expand(n)
             in_class = (self.classes[None, :] == labels[:, None]) | (labels[:, None] == NULL_LABEL)
             allowed = self.weights[None, :] * in_class
-            component = torch.multinomial(allowed, 1, generator=generator)[:, 0]
-        noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+            component = torch.multinomial(allowed.cpu(), 1, generator=generator)[:, 0]
+        noise = torch.randn(n, 2, generator=generator, dtype=torch.float64).to(self.device)
+        component = component.to(self.device)
         x0 = self.means[component] + self.stds[component, None] * noise
         return x0, self.classes[component]
 
     def _component_terms(self, x: torch.Tensor, t, labels):
         """log pi_k N_k(x) masked by the labels [B, K], the variances [B, K], alpha_t [B, 1]."""
         t = torch.as_tensor(t).expand(x.shape[0])
-        alpha = self.schedule.alpha(t)[:, None]
-        variance = alpha**2 * self.stds[None, :] ** 2 + self.schedule.sigma(t)[:, None] ** 2
+        alpha = self.schedule.alpha(t)[:, None].to(x.device)  # the schedule's table: CPU
+        sigma = self.schedule.sigma(t)[:, None].to(x.device)
+        variance = alpha**2 * self.stds[None, :] ** 2 + sigma**2
         diff = x[:, None, :] - alpha[:, :, None] * self.means[None, :, :]    # [B, K, 2]
         log_normal = -0.5 * (diff**2).sum(-1) / variance - torch.log(2 * math.pi * variance)
         labels = self._check_labels(labels).expand(x.shape[0])
         allowed = (labels[:, None] == NULL_LABEL) | (labels[:, None] == self.classes[None, :])
         log_terms = torch.where(allowed, torch.log(self.weights)[None, :] + log_normal,
-                                torch.tensor(-math.inf, dtype=x.dtype))
+                                torch.tensor(-math.inf, dtype=x.dtype, device=x.device))
         return log_terms, variance, diff
 
     def log_prob(self, x: torch.Tensor, t, labels) -> torch.Tensor:
@@ -98,13 +115,13 @@ class GaussianMixture2D:
         responsibility = torch.softmax(log_terms, dim=1)                       # r_k(x)
         score = -(responsibility[:, :, None] * diff / variance[:, :, None]).sum(1)
         sigma = self.schedule.sigma(torch.as_tensor(t).expand(x.shape[0]))[:, None]
-        return (-sigma * score).to(x.dtype)
+        return (-sigma.to(x.device) * score).to(x.dtype)
 
     def __call__(self, x: torch.Tensor, t, labels) -> torch.Tensor:
         return self.eps(x, t, labels)
 
 
-def default_world() -> GaussianMixture2D:
+def default_world(device="cpu") -> GaussianMixture2D:
     """Eight tight modes on a circle of radius 2 plus one in the middle; neighbours belong to
     different classes (3 classes), so guidance has something to push away from."""
     angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
@@ -113,7 +130,7 @@ def default_world() -> GaussianMixture2D:
     stds = torch.full((9,), 0.25, dtype=torch.float64)
     weights = torch.full((9,), 1 / 9, dtype=torch.float64)
     classes = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
-    return GaussianMixture2D(means, stds, weights, classes)
+    return GaussianMixture2D(means, stds, weights, classes).to(device)
 
 
 def _fourier(u: torch.Tensor, num: int = 8) -> torch.Tensor:
@@ -150,21 +167,23 @@ def fit_eps_student(world: GaussianMixture2D, steps: int = 1500, batch: int = 51
                     lr: float = 3e-3, cond_dropout: float = 0.2, seed: int = 0,
                     disable=None) -> MLPStudent:
     """Regress an MLP on the exact eps* (both conditional and null-label), as a stand-in for a
-    trained teacher network: iCD's students start as copies of their teacher."""
+    trained teacher network: iCD's students start as copies of their teacher. It trains on the
+    world's device."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = MLPStudent(world.num_classes)
+    device = world.device
+    model = MLPStudent(world.num_classes).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
     for _ in tqdm(range(steps), disable=disable, desc="fit eps"):
         x0, labels = world.sample(batch, generator=generator)
-        labels = torch.where(torch.rand(batch, generator=generator) < cond_dropout,
-                             torch.full_like(labels, NULL_LABEL), labels)
-        t = torch.randint(1, 1000, (batch,), generator=generator)
-        x_t = world.schedule.add_noise(x0, torch.randn(x0.shape, generator=generator,
-                                                       dtype=x0.dtype), t)
+        dropped = (torch.rand(batch, generator=generator) < cond_dropout).to(device)
+        labels = torch.where(dropped, torch.full_like(labels, NULL_LABEL), labels)
+        t = torch.randint(1, 1000, (batch,), generator=generator).to(device)
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(device)
+        x_t = world.schedule.add_noise(x0, eps, t)
         target = world.eps(x_t, t, labels)
-        prediction = model(x_t.float(), t, t, labels, torch.zeros(batch))
+        prediction = model(x_t.float(), t, t, labels, torch.zeros(batch, device=device))
         loss = torch.mean((prediction - target.float()) ** 2)
         optimizer.zero_grad()
         loss.backward()
@@ -176,9 +195,10 @@ def fit_eps_student(world: GaussianMixture2D, steps: int = 1500, batch: int = 51
 def distill_pair(world: GaussianMixture2D, init: MLPStudent, config, steps: int = 600,
                  batch: int = 256, lr: float = 1e-3, seed: int = 0, disable=None):
     """Distil a reverse (CD_m) and a forward (fCD_m) student from the exact teacher with
-    ``icd_training_step``; both start as copies of ``init``. Returns (reverse, forward, losses)."""
+    ``icd_training_step``; both start as copies of ``init`` (on the world's device). Returns
+    (reverse, forward, losses)."""
     generator = torch.Generator().manual_seed(seed)
-    reverse, forward = copy.deepcopy(init), copy.deepcopy(init)
+    reverse, forward = copy.deepcopy(init).to(world.device), copy.deepcopy(init).to(world.device)
     reverse_opt = torch.optim.Adam(reverse.parameters(), lr=lr)
     forward_opt = torch.optim.Adam(forward.parameters(), lr=lr)
     decays = [torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)

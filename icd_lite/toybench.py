@@ -147,7 +147,7 @@ def stratified_subset(cases: list[EditCase], per_type: int) -> list[EditCase]:
 
 def case_batch(cases: list[EditCase]):
     """(source images [N, 3, 32, 32], target images, masks bool [N, 32, 32], source prompts,
-    target prompts)."""
+    target prompts); the tensors are rendered on the CPU."""
     if not cases:
         raise ValueError("case_batch needs at least one case")
     return (torch.stack([c.source_image for c in cases]),
@@ -222,7 +222,8 @@ def structure_distance(perception: metrics.ToyPerception, a: torch.Tensor,
     DINO ViT tokens; here of the toy CLIP ViT's last-layer patch tokens f_1 ... f_P:
     ``S_ij = cos(f_i, f_j)``, ``d = mean_ij (S_ij(a) - S_ij(b))^2``."""
     def self_similarity(images):
-        tokens = perception.clip.vision_model(pixel_values=images, output_hidden_states=True)
+        tokens = perception.clip.vision_model(pixel_values=images.to(perception.device),
+                                              output_hidden_states=True)
         patches = F.normalize(tokens.hidden_states[-1][:, 1:], dim=-1)  # [B, P, D], no CLS
         return patches @ patches.transpose(1, 2)
 
@@ -261,17 +262,19 @@ def attribute_correct(perception: metrics.ToyPerception, cases: list[EditCase],
     index = {prompt: i for i, prompt in enumerate(prompts)}
     scores = perception.image_embeddings(edited) @ perception.text_embeddings(prompts).T
     return torch.tensor([scores[n, [index[p] for p in group]].argmax().item() == 0
-                         for n, group in enumerate(candidates)])
+                         for n, group in enumerate(candidates)], device=scores.device)
 
 
 def evaluate(perception: metrics.ToyPerception, cases: list[EditCase],
              edited: torch.Tensor) -> list[dict]:
     """One row per case: every metric of the module docstring, for edited [N, 3, 32, 32] in
-    [-1, 1] (the background ones outside the edit mask, against the source image)."""
+    [-1, 1] (the background ones outside the edit mask, against the source image), on the
+    device of ``edited`` (the rendered cases are moved there)."""
     source, target, mask, _, prompts = case_batch(cases)
     if edited.shape != source.shape:
         raise ValueError(f"edited images must be [{len(cases)}, 3, 32, 32], one per case, got "
                          f"{tuple(edited.shape)}")
+    source, target, mask = (x.to(edited.device) for x in (source, target, mask))
     edited, keep = edited.float(), ~mask
     # PIE-Bench sets the edit region to 0 in both images, so windows (SSIM, ViT patches) that
     # straddle the mask's edge compare only background.
