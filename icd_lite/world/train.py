@@ -28,6 +28,11 @@ to ``build/train/`` every ``--save-every`` steps, and at the end copies its fina
 the VAE takes both cores once CLIP is done; then stage 3 and the teacher's first steps share
 them, and the teacher finishes on both (``--until-step`` stops a stage where the next run
 resumes).
+
+``--device`` (default auto: CUDA when available, else the CPU) picks where the models train;
+``--threads`` is the CPU threads (ignored on a GPU). Every batch is drawn from the step's CPU
+generator and then moved to the device, so the CPU runs draw exactly the batches they always
+did, and checkpoints and shipped weights are written from CPU copies of the state.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from ..device import add_device_arguments, configure_threads, resolve_device
 from ..schedule import SD15_SCHEDULE
 from . import checkpoints, loading
 from .models import build_clip, build_unet, build_vae, text_encoder_from_clip
@@ -150,27 +156,31 @@ def ship(name: str, model, command: str, **extra) -> None:
     checkpoints.record(f"{name}.safetensors", command, **extra)
 
 
-def train_clip(images, captions, tokenizer, steps: int, batch: int, save_every: int, command):
+def train_clip(images, captions, tokenizer, steps: int, batch: int, save_every: int, command,
+               device="cpu"):
     torch.manual_seed(1)
-    clip = build_clip(tokenizer)
+    clip = build_clip(tokenizer).to(device)
     tokens = tokenize(tokenizer, captions)
 
     def loss_fn(step):
         index = torch.randint(len(images), (batch,), generator=batch_generator(1, step))
-        return clip(input_ids=tokens.input_ids[index], attention_mask=tokens.attention_mask[index],
-                    pixel_values=images[index], return_loss=True).loss
+        return clip(input_ids=tokens.input_ids[index].to(device),
+                    attention_mask=tokens.attention_mask[index].to(device),
+                    pixel_values=images[index].to(device), return_loss=True).loss
 
     minutes = run_stage("clip", clip, loss_fn, steps, 1e-3, save_every)
     ship("clip", clip.eval(), command, train_minutes=minutes)
     return clip
 
 
-def train_vae(images, steps: int, batch: int, save_every: int, command, until=None):
+def train_vae(images, steps: int, batch: int, save_every: int, command, until=None,
+              device="cpu"):
     torch.manual_seed(2)
-    vae = build_vae()
+    vae = build_vae().to(device)
 
     def loss_fn(step):
-        x = images[torch.randint(len(images), (batch,), generator=batch_generator(2, step))]
+        index = torch.randint(len(images), (batch,), generator=batch_generator(2, step))
+        x = images[index].to(device)
         posterior = vae.encode(x).latent_dist
         reconstruction = vae.decode(posterior.mean).sample
         return (reconstruction - x).abs().mean() + 1e-6 * posterior.kl().mean()
@@ -181,7 +191,8 @@ def train_vae(images, steps: int, batch: int, save_every: int, command, until=No
     vae.eval()
     with torch.no_grad():
         sample = images[:5000]  # enough to measure a standard deviation
-        latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in sample.split(500)])
+        latents = torch.cat([vae.encode(chunk.to(device)).latent_dist.mean
+                             for chunk in sample.split(500)])
     scaling_factor = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scaling_factor)
     ship("vae", vae, command, scaling_factor=scaling_factor, train_minutes=minutes)
@@ -189,27 +200,31 @@ def train_vae(images, steps: int, batch: int, save_every: int, command, until=No
 
 
 def finetune_clip_on_decoded(clip, vae, images, captions, tokenizer, steps: int, batch: int,
-                             save_every: int, command):
-    """Stage 3: the image tower learns to read VAE reconstructions (text tower frozen)."""
+                             save_every: int, command, device="cpu"):
+    """Stage 3: the image tower learns to read VAE reconstructions (text tower frozen). The
+    decoded images are kept beside ``images`` (on the CPU); the models run on ``device``."""
     stage_1 = checkpoints.read_manifest()["clip.safetensors"]
     if "decoded_command" in stage_1 and not (CHECKPOINT_DIR / "clip_decoded.safetensors").exists():
         raise RuntimeError("the shipped CLIP is already fine-tuned on decoded images; run "
                            "`--stage clip` first to retrain it from scratch")
+    clip, vae = clip.to(device), vae.to(device)
     clip.requires_grad_(False)
     clip.vision_model.requires_grad_(True)
     clip.visual_projection.requires_grad_(True)
     tokens = tokenize(tokenizer, captions)
     with torch.no_grad():
-        decoded = torch.cat([vae.decode(vae.encode(chunk).latent_dist.mean).sample.clamp(-1, 1)
-                             for chunk in tqdm(images.split(500), desc="decoding")])
+        decoded = torch.cat([
+            vae.decode(vae.encode(chunk.to(device)).latent_dist.mean).sample.clamp(-1, 1)
+            .to(images.device) for chunk in tqdm(images.split(500), desc="decoding")])
 
     def loss_fn(step):
         generator = batch_generator(4, step)
         index = torch.randint(len(images), (batch,), generator=generator)
         from_decoder = (torch.rand(batch, generator=generator) < 0.5)[:, None, None, None]
         pixels = torch.where(from_decoder, decoded[index], images[index])
-        return clip(input_ids=tokens.input_ids[index], attention_mask=tokens.attention_mask[index],
-                    pixel_values=pixels, return_loss=True).loss
+        return clip(input_ids=tokens.input_ids[index].to(device),
+                    attention_mask=tokens.attention_mask[index].to(device),
+                    pixel_values=pixels.to(device), return_loss=True).loss
 
     contrastive = stage_1.get("contrastive_minutes", stage_1["train_minutes"])
     minutes = run_stage("clip_decoded", clip.train(), loss_fn, steps, 3e-4, save_every)
@@ -225,35 +240,55 @@ def min_snr_weight(t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
     ||eps_hat - eps||^2 = SNR_t ||x0_hat - x0||^2, so the plain eps loss weighs the nearly clean
     steps (SNR_t large: textures) far above the noisy ones that decide layout and shape. The weight
     caps that emphasis at gamma; it is 1 for every t with SNR_t <= gamma (t >= 147 here).
+    The result is on the device of ``t`` (the schedule's table lives on the CPU).
     """
-    alpha_bar = SD15_SCHEDULE.alphas_cumprod[t]
+    alpha_bar = SD15_SCHEDULE.alphas_cumprod[t.cpu()].to(t.device)
     snr = alpha_bar / (1 - alpha_bar)
     return snr.clamp(max=gamma) / snr
 
 
+@torch.no_grad()
+def teacher_data(clip, vae, images, captions, tokenizer, device="cpu"):
+    """The teacher's training set from the shipped CLIP and VAE: scaled latents [N, 4, 8, 8] and
+    the text embeddings of every distinct caption (row 0 = ""), on ``device``, and each image's
+    caption row [N] (on the CPU)."""
+    text_encoder = text_encoder_from_clip(clip).to(device)
+    vae = vae.to(device)
+    unique = [""] + sorted(set(captions))
+    embeddings = text_encoder(**tokenize(tokenizer, unique).to(device)).last_hidden_state
+    latents = torch.cat([vae.encode(c.to(device)).latent_dist.mean for c in images.split(500)])
+    latents = latents * vae.config.scaling_factor
+    row = {caption: i for i, caption in enumerate(unique)}
+    return latents, torch.tensor([row[c] for c in captions], device="cpu"), embeddings
+
+
 def train_teacher(latents, caption_index, text_embeddings, steps: int, batch: int,
                   save_every: int, command, caption_dropout: float = 0.1, until=None,
-                  rank: int = 0, processes: int = 1):
+                  rank: int = 0, processes: int = 1, device="cpu"):
     """latents: [N, 4, 8, 8] scaled; caption_index: [N] rows of text_embeddings (row 0 = "").
 
-    ``rank`` / ``processes``: this process's share of every batch under ``torchrun``."""
+    ``rank`` / ``processes``: this process's share of every batch under ``torchrun``. The UNet
+    trains on ``device``; each batch is drawn on the CPU and moved there."""
     torch.manual_seed(3)
     share = slice(rank, None, processes)  # this process's samples of every batch
-    unet = build_unet(cross_attention_dim=text_embeddings.shape[-1])
+    unet = build_unet(cross_attention_dim=text_embeddings.shape[-1]).to(device)
     ema = copy.deepcopy(unet).requires_grad_(False)
+    text_embeddings = text_embeddings.to(device)
 
     def loss_fn(step):
         generator = batch_generator(3, step)
         if step > 0:  # EMA of the weights after the previous optimizer step
             decay = min(0.999, (1 + step) / (10 + step))
             torch._foreach_lerp_(list(ema.parameters()), list(unet.parameters()), 1 - decay)
+        # drawn on the CPU in this order (a resumed run draws the same batches), then moved
         index = torch.randint(len(latents), (batch,), generator=generator)
-        x0 = latents[index]
-        rows = caption_index[index]
-        rows = torch.where(torch.rand(batch, generator=generator) < caption_dropout, 0, rows)
+        dropped = torch.rand(batch, generator=generator) < caption_dropout
         t = torch.randint(1, 1000, (batch,), generator=generator)
-        eps = torch.randn(x0.shape, generator=generator)
-        x0, rows, t, eps = x0[share], rows[share], t[share], eps[share]
+        eps = torch.randn((batch, *latents.shape[1:]), generator=generator)
+        index, dropped, t, eps = (v[share].to(device) for v in (index, dropped, t, eps))
+        x0 = latents[index.to(latents.device)].to(device)
+        rows = caption_index[index.to(caption_index.device)].to(device)
+        rows = torch.where(dropped, 0, rows)
         x_t = SD15_SCHEDULE.add_noise(x0, eps, t)
         prediction = unet(x_t, t, text_embeddings[rows]).sample
         squared_error = ((prediction - eps) ** 2).mean(dim=(1, 2, 3))
@@ -277,7 +312,7 @@ def main(argv=None) -> None:
     parser.add_argument("--vae-steps", type=int, default=12000)
     parser.add_argument("--teacher-steps", type=int, default=3200)
     parser.add_argument("--save-every", type=int, default=250)
-    parser.add_argument("--threads", type=int, default=2)
+    add_device_arguments(parser, threads=2)
     parser.add_argument("--until-step", type=int, default=None,
                         help="vae / teacher: stop after this step; a later run resumes there")
     args = parser.parse_args(argv)
@@ -287,7 +322,14 @@ def main(argv=None) -> None:
     if processes > 1 and args.stage != "teacher":
         parser.error("only --stage teacher runs in several processes (torchrun); CLIP's "
                      "contrastive loss needs whole batches and the other stages are small")
-    torch.set_num_threads(args.threads)
+    try:
+        device = resolve_device(args.device)
+        configure_threads(device, args.threads)
+    except ValueError as error:
+        parser.error(str(error))
+    if processes > 1 and device.type != "cpu":
+        parser.error("the torchrun data parallelism of --stage teacher splits a CPU's cores "
+                     "(gloo); on a GPU run one process: python -m icd_lite.world.train")
     launcher = "python -m" if processes == 1 else f"torchrun --nproc_per_node {processes} -m"
     command = f"{launcher} icd_lite.world.train " + " ".join(argv if argv is not None
                                                              else sys.argv[1:])
@@ -303,27 +345,22 @@ def main(argv=None) -> None:
         begin = time.time()
         if stage == "clip":
             train_clip(images, captions, tokenizer, args.clip_steps, 128, args.save_every,
-                       command)
+                       command, device=device)
         elif stage == "vae":
-            train_vae(images, args.vae_steps, 16, args.save_every, command, args.until_step)
+            train_vae(images, args.vae_steps, 16, args.save_every, command, args.until_step,
+                      device=device)
         elif stage == "clip-decoded":
-            finetune_clip_on_decoded(loading.load_clip(tokenizer), loading.load_vae(), images,
+            finetune_clip_on_decoded(loading.load_clip(tokenizer, device),
+                                     loading.load_vae(device), images,
                                      captions, tokenizer, args.clip_decoded_steps, 128,
-                                     args.save_every, command)
+                                     args.save_every, command, device=device)
         else:
-            clip = loading.load_clip(tokenizer)
-            vae = loading.load_vae()
-            text_encoder = text_encoder_from_clip(clip)
-            unique = [""] + sorted(set(captions))
-            with torch.no_grad():
-                embeddings = text_encoder(**tokenize(tokenizer, unique)).last_hidden_state
-                latents = torch.cat([vae.encode(c).latent_dist.mean for c in images.split(500)])
-            latents = latents * vae.config.scaling_factor
-            row = {caption: i for i, caption in enumerate(unique)}
-            caption_index = torch.tensor([row[c] for c in captions])
+            latents, caption_index, embeddings = teacher_data(
+                loading.load_clip(tokenizer, device), loading.load_vae(device), images, captions,
+                tokenizer, device)
             train_teacher(latents, caption_index, embeddings, args.teacher_steps, 64,
                           args.save_every, command, until=args.until_step, rank=rank,
-                          processes=processes)
+                          processes=processes, device=device)
         times[stage] = time.time() - begin
         if not quiet:
             print(f"{stage}: {times[stage] / 60:.1f} min")
