@@ -26,12 +26,18 @@ each saw), attribute
 accuracy per edit type, and seconds / NFE per edit, one edit at a time, as ratios to iCD, with
 iCD's wall time against the bare cost of its network evaluations. Writes
 ``build/bench/editing.json``.
+
+``--device`` (default auto: CUDA when available, else the CPU) picks where the models run; the
+seeded noise is drawn on the CPU either way, so a seed gives the same samples on both, within
+float tolerance. ``--threads`` sets the CPU threads (on the CPU only). ``--n``, ``--timing`` and
+``--nti-per-type`` make a quick run smaller (e.g. ``tools/gpu_check.sh``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -40,6 +46,7 @@ import torch
 
 from . import editing_evaluation, evaluation, metrics, toybench
 from .components import load_components
+from .device import add_device_arguments, configure_threads, resolve_device
 from .pipeline import load_pipelines
 from .guidance import classical_to_code, constant_guidance, guided_model
 from .solver import sample_ddim, sampling_timesteps
@@ -50,7 +57,7 @@ OUT_DIR = Path("build/bench")
 
 
 def single_object_scenes(n: int, seed: int):
-    """n random single-object scenes with their captions and rendered images."""
+    """n random single-object scenes with their captions and rendered images (on the CPU)."""
     rng = np.random.default_rng(seed)
     scenes = [random_scene(rng, p_two_objects=0.0) for _ in range(n)]
     images = torch.from_numpy(np.stack([render(s)[0] for s in scenes]))
@@ -60,7 +67,8 @@ def single_object_scenes(n: int, seed: int):
 @torch.no_grad()
 def teacher_samples(components, prompts: list[str], w_classical: float, steps: int, seed: int,
                     batch: int = 250) -> torch.Tensor:
-    """Images from the teacher: DDIM with constant CFG, fixed seed."""
+    """Images from the teacher: DDIM with constant CFG, fixed seed (the noise is drawn on the
+    CPU and moved to the teacher's device)."""
     generator = torch.Generator().manual_seed(seed)
     guidance = constant_guidance(classical_to_code(w_classical))
     images = []
@@ -70,7 +78,7 @@ def teacher_samples(components, prompts: list[str], w_classical: float, steps: i
         null = components.encode_prompt([""] * len(chunk))
         config = components.unet.config
         shape = (len(chunk), config.in_channels, config.sample_size, config.sample_size)
-        noise = torch.randn(shape, generator=generator)
+        noise = torch.randn(shape, generator=generator).to(components.device)
         model = guided_model(components.eps_model(), null, guidance)
         latents = sample_ddim(model, noise, sampling_timesteps(steps), extra_args={"cond": cond},
                               disable=True)
@@ -78,18 +86,22 @@ def teacher_samples(components, prompts: list[str], w_classical: float, steps: i
     return torch.cat(images)
 
 
-def bench_world(n: int = 500, w_classical: float = 8.0, steps: int = 50) -> dict:
-    components = load_components("toy")
+def bench_world(n: int = 500, w_classical: float = 8.0, steps: int = 50,
+                device: str | torch.device = "cpu") -> dict:
+    components = load_components("toy", device=device)
+    device = components.device
     perception = metrics.ToyPerception(components.clip, components.tokenizer)
     results = {"n": n}
 
     real, _, _ = make_dataset(n, seed=1)
+    real = real.to(device)
     with torch.no_grad():
         reconstruction = components.decode_latents(components.encode_images(real))
     psnr = metrics.psnr(reconstruction, real)
     results["vae_psnr_db"] = {"mean": psnr.mean().item(), "p05": psnr.quantile(0.05).item()}
 
     scenes, prompts, real_single = single_object_scenes(n, seed=2)
+    real_single = real_single.to(device)
     results["clip_accuracy_on_real_images"] = perception.attribute_accuracy(real_single, scenes)
     with torch.no_grad():  # every generated image leaves through the decoder: the metric's ceiling
         decoded = components.decode_latents(components.encode_images(real_single))
@@ -103,6 +115,7 @@ def bench_world(n: int = 500, w_classical: float = 8.0, steps: int = 50) -> dict
     results["real_clip_t"] = perception.clip_t(real_single, prompts).mean().item()
 
     _, _, other_real = single_object_scenes(n, seed=4)
+    other_real = other_real.to(device)
     features = {name: perception.image_embeddings(x) for name, x in
                 [("generated", generated), ("real", real_single), ("other_real", other_real)]}
     results["fd_teacher_vs_real"] = metrics.frechet_distance(features["generated"],
@@ -142,14 +155,19 @@ def print_world(results: dict) -> None:
         print(f"  {name:<{width}}  {value:<28} {bar}")
 
 
-def bench_inversion(n: int = 200, timing_images: int = 3) -> dict:
-    components = load_components("toy")
+def bench_inversion(n: int = 200, timing_images: int = 3, device: str | torch.device = "cpu",
+                    recipes=None, steps: int = 50, nti_inner_steps: int = 10) -> dict:
+    """Tables 2 and 6 on ``n`` held-out images; ``recipes`` (default: every shipped pair; "G"
+    is needed for Table 6), ``steps`` of the DDIM baselines and ``nti_inner_steps`` shrink a
+    quick run."""
+    components = load_components("toy", device=device)
     perception = metrics.ToyPerception(components.clip, components.tokenizer)
-    pipes = load_pipelines(components)
+    pipes = load_pipelines(components, recipes)
     images, captions, _ = make_dataset(n, seed=21)
-    table2 = evaluation.table2(pipes, components, images, captions, perception)
+    images = images.to(components.device)
+    table2 = evaluation.table2(pipes, components, images, captions, perception, steps=steps)
     timing = evaluation.timing(pipes["G"], components, images[:timing_images],
-                               captions[:timing_images])
+                               captions[:timing_images], nti_inner_steps, steps=steps)
     return {"n": n, "table2": table2, "table6": timing}
 
 
@@ -175,22 +193,31 @@ def print_inversion(results: dict) -> None:
                                            "time_ratio_to_icd": ".1f", "psnr": ".2f"}))
 
 
-def bench_editing(per_type: int | None = None, nti_per_type: int = 6) -> dict:
-    components = load_components("toy")
+def bench_editing(per_type: int | None = None, nti_per_type: int = 6,
+                  device: str | torch.device = "cpu", timing_cases: int | None = None,
+                  fast_repeats: int = 5, steps: int = 50, nti_inner_steps: int = 10) -> dict:
+    """Every editor on ToyBench (``per_type`` cases per edit type, default all; NTI on
+    ``nti_per_type``, 0 leaves NTI out), then edit timing on one case per edit type (the first
+    ``timing_cases`` of them if given); ``steps`` of the teacher baselines and
+    ``nti_inner_steps`` shrink a quick run."""
+    components = load_components("toy", device=device)
     perception = metrics.ToyPerception(components.clip, components.tokenizer)
     pipes = load_pipelines(components, ["G", "G3"])
     cases = toybench.load_toybench()
     if per_type:
         cases = toybench.stratified_subset(cases, per_type)
-    editors = editing_evaluation.make_editors(components, pipes)
+    editors = editing_evaluation.make_editors(components, pipes, steps=steps,
+                                              nti_inner_steps=nti_inner_steps)
+    if not nti_per_type:
+        del editors["NTI + P2P"]
     # The paper's baselines guide with w = 7.5; on ToyBench they preserve far more near w = 2,
     # where NPI also edits best (notebook 05's sweep), so the table shows the two fast ones there.
-    low_w = editing_evaluation.make_editors(components, pipes, w_teacher=2.0)
+    low_w = editing_evaluation.make_editors(components, pipes, w_teacher=2.0, steps=steps)
     tuned = {f"{name}, w = 2": low_w[name] for name in ("DDIM50 + P2P", "NPI + P2P")}
     results = editing_evaluation.toybench_results(perception, editors | tuned, cases,
                                                   per_type={"NTI + P2P": nti_per_type})
-    timing = editing_evaluation.edit_timing(editors, toybench.stratified_subset(cases, 1),
-                                            pipes["G"])
+    timed = toybench.stratified_subset(cases, 1)[:timing_cases]
+    timing = editing_evaluation.edit_timing(editors, timed, pipes["G"], fast_repeats)
     return {"cases": len(cases),
             "settings": {"w_icd": editing_evaluation.W_ICD, "tau": editing_evaluation.TAU_ICD,
                          "w_teacher": editing_evaluation.W_TEACHER},
@@ -235,16 +262,31 @@ def main(argv=None) -> None:
     parser.add_argument("--n", type=int, default=None,
                         help="images / prompts per measurement (world: 500, inversion: 200; "
                              "editing: cases per edit type, default all 50)")
+    parser.add_argument("--timing", type=int, default=None, metavar="N",
+                        help="inversion: images timed one by one (default 3); editing: cases "
+                             "timed one at a time per editor (default 6, one per edit type)")
+    parser.add_argument("--nti-per-type", type=int, default=6, metavar="N",
+                        help="editing: ToyBench cases per edit type for NTI + P2P, the slow "
+                             "editor; 0 leaves it out (default: %(default)s)")
+    add_device_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        configure_threads(device, args.threads)
+    except ValueError as error:  # one line naming the fix, no traceback
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     torch.manual_seed(0)
     if args.suite == "world":
-        results = bench_world(args.n or 500)
+        results = bench_world(args.n or 500, device=device)
         print_world(results)
     elif args.suite == "inversion":
-        results = bench_inversion(args.n or 200)
+        timing = 3 if args.timing is None else args.timing
+        results = bench_inversion(args.n or 200, timing, device=device)
         print_inversion(results)
     else:
-        results = bench_editing(args.n)
+        results = bench_editing(args.n, args.nti_per_type, device=device,
+                                timing_cases=args.timing)
         print_editing(results)
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     path = OUT_DIR / f"{args.suite}.json"

@@ -35,15 +35,18 @@ ICD = "iCD 4 steps + P2P"
 
 def make_editors(components, pipes: dict[str, ICDPipeline], w_icd: float = W_ICD,
                  tau: float = TAU_ICD, w_teacher: float = W_TEACHER,
-                 p2p: P2PSettings = P2PSettings(), nti_inner_steps: int = 10) -> dict:
+                 p2p: P2PSettings = P2PSettings(), nti_inner_steps: int = 10,
+                 steps: int = 50) -> dict:
     """name -> editor(images, sources, targets, blend_words) -> editing.Edit; the iCD editors
-    guide with ``w_icd``, the teacher baselines with ``w_teacher``."""
+    guide with ``w_icd``, the teacher baselines with ``w_teacher`` over ``steps`` DDIM steps
+    (the paper's 50; fewer only for quick checks)."""
     def icd(recipe):
         return lambda x, s, t, b: icd_edit(pipes[recipe], x, s, t, w_icd, tau, p2p, b)
 
     def teacher(method):
-        return lambda x, s, t, b: baseline_edit(components, x, s, t, method, w_teacher, p2p=p2p,
-                                                blend_words=b, nti_inner_steps=nti_inner_steps)
+        return lambda x, s, t, b: baseline_edit(components, x, s, t, method, w_teacher, steps,
+                                                p2p=p2p, blend_words=b,
+                                                nti_inner_steps=nti_inner_steps)
 
     return {ICD: icd("G"), "iCD 3 steps + P2P": icd("G3"),
             "iCD 4 steps, prompt switch": lambda x, s, t, b: prompt_switch_edit(

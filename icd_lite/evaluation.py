@@ -65,21 +65,25 @@ def reconstruction_metrics(perception: metrics.ToyPerception, reconstructed: tor
 
 
 def reconstruct(method: str, pipes: dict[str, ICDPipeline], components, images, captions,
-                w: float, tau: float | None):
-    """Reconstruct with a shipped pair (``method`` = recipe) or with the teacher's DDIM50."""
+                w: float, tau: float | None, steps: int = 50):
+    """Reconstruct with a shipped pair (``method`` = recipe) or with the teacher's DDIM50
+    (``steps``: fewer only for quick checks)."""
     if method == "DDIM50":
-        return baselines.ddim_reconstruct(components, images, captions, w=w, tau=tau)
+        return baselines.ddim_reconstruct(components, images, captions, w=w, tau=tau,
+                                          steps=steps)
     return pipes[method].reconstruct(images, captions, w=w, tau=tau)
 
 
 def table2(pipes: dict[str, ICDPipeline], components, images, captions, perception,
-           rows=TABLE2_ROWS) -> list[dict]:
-    """Table 2 (and Table 5's rows G / G3): one dict per row, with NFE per image."""
+           rows=TABLE2_ROWS, steps: int = 50) -> list[dict]:
+    """Table 2 (and Table 5's rows G / G3): one dict per row, with NFE per image; the rows of
+    pairs missing from ``pipes`` are left out."""
     results = []
     for row in rows:
         if row.method != "DDIM50" and row.method not in pipes:
             continue
-        output = reconstruct(row.method, pipes, components, images, captions, row.w, row.tau)
+        output = reconstruct(row.method, pipes, components, images, captions, row.w, row.tau,
+                             steps)
         results.append({"config": row.label, "method": row.method, "w": row.w, "tau": row.tau,
                         "nfe": output.nfe,
                         **reconstruction_metrics(perception, output.images, images)})
@@ -108,27 +112,32 @@ def table1(components, images, captions, perception, real_features, steps: int =
 
 
 def threshold_curve(components, images, captions, thresholds=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
-                    w: float = W_GUIDED) -> dict:
+                    w: float = W_GUIDED, steps: int = 50) -> dict:
     """Fig. 4a: MSE of DDIM50 inversion + decoding with w on only for t / T <= T; the images too
     (Fig. 4b). The unguided inversion is shared by every T."""
     z0, cond, null = baselines.prepare(components, images, captions)
     model = components.eps_model()
-    x_T = baselines.ddim_invert(model, z0, cond, null)
-    decoded = {T: components.decode_latents(baselines.ddim_decode(model, x_T, cond, null, w, T))
+    x_T = baselines.ddim_invert(model, z0, cond, null, steps=steps)
+    decoded = {T: components.decode_latents(baselines.ddim_decode(model, x_T, cond, null, w, T,
+                                                                   steps))
                for T in thresholds}
     return {"mse": {T: metrics.mse(out, images).mean().item() for T, out in decoded.items()},
             "images": decoded}
 
 
-def timing(pipe: ICDPipeline, components, images, captions, nti_inner_steps: int = 10) -> list:
+def timing(pipe: ICDPipeline, components, images, captions, nti_inner_steps: int = 10,
+           steps: int = 50) -> list:
     """Table 6: seconds and NFE to invert (encode + decode, w = 8) one image at a time, for iCD
-    (dynamic CFG), DDIM50, NPI and NTI, in this process, with ratios to iCD."""
+    (dynamic CFG), DDIM50, NPI and NTI (``steps`` DDIM steps), in this process, with ratios to
+    iCD."""
     methods = {
         "iCD (fCD / CD, d.CFG)": lambda x, c: pipe.reconstruct(x, c, w=W_GUIDED, tau=TAU),
         "DDIM50 inversion + DDIM50": lambda x, c: baselines.ddim_reconstruct(
-            components, x, c, w=W_GUIDED),
-        "NPI": lambda x, c: baselines.negative_prompt_reconstruct(components, x, c, w=W_GUIDED),
+            components, x, c, w=W_GUIDED, steps=steps),
+        "NPI": lambda x, c: baselines.negative_prompt_reconstruct(components, x, c, w=W_GUIDED,
+                                                                  steps=steps),
         "NTI": lambda x, c: baselines.null_text_reconstruct(components, x, c, w=W_GUIDED,
+                                                            steps=steps,
                                                             inner_steps=nti_inner_steps),
     }
     rows = []
