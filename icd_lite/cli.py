@@ -14,8 +14,12 @@ written as 32x32 RGB uint8, pixel = round((x + 1) * 127.5) for x in [-1, 1]; ``-
 enlarges them by nearest neighbour, for viewing only. Nothing is ever written over the input
 image. Each command prints one line: the network evaluations (NFE), the seconds of the library
 call (model loading not included) and the files written. Errors of use (a file that cannot be
-read, a word the toy world does not know, prompts that cannot be aligned) print one paragraph on
-stderr and exit with status 2, no traceback.
+read, a word the toy world does not know, prompts that cannot be aligned, a ``--device`` this
+machine lacks) print one paragraph on stderr and exit with status 2, no traceback.
+
+``--device`` (default auto: CUDA when available, else the CPU) picks where the models run. The
+seeded noise is drawn on the CPU either way, so a seed gives the same picture on both, within
+float tolerance.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from .attention import controlled_steps
+from .device import add_device_arguments, configure_threads, resolve_device
 from .pipeline import load_pipeline
 from .editing import P2PSettings, icd_edit
 from .metrics import psnr
@@ -150,8 +155,8 @@ def run_edit(args) -> None:
     source, target = checked_prompts(args.source, args.target)
     words = blend_words(args.blend, source, target)
     picture = open_rgb(args.image)
-    pipeline = load_pipeline(RECIPE_FOR_STEPS[args.steps])
-    image = to_tensor(picture, pipeline.base.image_size, args.image)
+    pipeline = load_pipeline(RECIPE_FOR_STEPS[args.steps], device=args.device)
+    image = to_tensor(picture, pipeline.base.image_size, args.image).to(pipeline.device)
     p2p = P2PSettings(cross_fraction=args.cross, self_fraction=args.self_fraction,
                       amplify=args.amplify)
     edit = icd_edit(pipeline, image, source, target, w=args.w, tau=args.tau, p2p=p2p,
@@ -173,11 +178,11 @@ def run_invert(args) -> None:
     (prompt,) = checked_prompts(args.prompt)
     picture = open_rgb(args.image)
     recipe = RECIPE_FOR_STEPS[args.steps]
-    pipeline = load_pipeline(recipe)
-    image = to_tensor(picture, pipeline.base.image_size, args.image)
+    pipeline = load_pipeline(recipe, device=args.device)
+    image = to_tensor(picture, pipeline.base.image_size, args.image).to(pipeline.device)
     encoded = pipeline.encode(image, prompt, seed=args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"noise": encoded.latents.contiguous()}, str(args.out),
+    save_file({"noise": encoded.latents.cpu().contiguous()}, str(args.out),
               metadata={"prompt": prompt, "recipe": recipe, "seed": str(args.seed)})
     line = f"invert: NFE {encoded.nfe}, {encoded.seconds:.2f} s, wrote {args.out}"
     if args.reconstruction is not None:
@@ -199,7 +204,7 @@ def numbered(path: Path, count: int) -> list[Path]:
 def run_generate(args) -> None:
     check_outputs(None, [("--out", args.out, ".png")])
     (prompt,) = checked_prompts(args.prompt)
-    pipeline = load_pipeline(RECIPE_FOR_STEPS[args.steps])
+    pipeline = load_pipeline(RECIPE_FOR_STEPS[args.steps], device=args.device)
     output = pipeline.generate(prompt, w=args.w, tau=args.tau, seed=args.seed,
                                num_images=args.num_images)
     paths = numbered(args.out, args.num_images)
@@ -245,10 +250,13 @@ def add_common_options(parser: argparse.ArgumentParser, seed_help: str) -> None:
                              "CD4 + L_r, the paper's full method), 3 loads 'G3' (Table 5) "
                              "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: %(default)s)")
-    parser.add_argument("--threads", type=positive_int, default=1, metavar="N",
-                        help="CPU threads for torch; the toy tensors are tiny, so one is fastest, "
-                             "and far faster when other programs keep the cores busy "
-                             "(default: %(default)s)")
+    add_device_arguments(parser, threads=1)
+    options = {action.dest: action for action in parser._actions}
+    options["device"].help += " (default: %(default)s)"
+    options["threads"].type, options["threads"].metavar = positive_int, "N"
+    options["threads"].help = ("CPU threads for torch, ignored on a GPU; the toy tensors are "
+                               "tiny, so one is fastest, and far faster when other programs keep "
+                               "the cores busy (default: %(default)s)")
     parser.add_argument("--scale", type=positive_int, default=1, metavar="K",
                         help="enlarge every saved PNG K times by nearest neighbour, for viewing "
                              "only (a larger PNG is resized back to 32x32 when read again) "
@@ -360,8 +368,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run one command; return 0, or 2 after printing an error of use on stderr."""
     args = build_parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
     try:
+        try:
+            args.device = resolve_device(args.device)
+        except ValueError as error:
+            raise UsageError(f"--device {args.device}: {error}") from None
+        configure_threads(args.device, args.threads)
         args.run(args)
     except (ValueError, OSError, CheckpointError) as error:
         # ValueError covers UsageError, UnknownWordError and AlignmentError

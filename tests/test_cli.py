@@ -139,3 +139,59 @@ def test_help_explains_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "Python API" in capsys.readouterr().out
+
+
+# -- --device on every command -------------------------------------------------------------------
+no_cuda = pytest.mark.skipif(__import__("torch").cuda.is_available(),
+                             reason="this machine has a CUDA GPU: --device cuda would work")
+
+
+def test_device_cpu_works(image_file, tmp_path, capsys):
+    assert main(["generate", "--prompt", SOURCE, "--out", str(tmp_path / "g.png"),
+                 "--device", "cpu", "--threads", "1"]) == 0
+    assert edit(image_file, tmp_path / "out.png", "--device", "cpu") == 0
+    assert capsys.readouterr().out.count("NFE") == 2
+
+
+@no_cuda
+@pytest.mark.parametrize("command", ["generate", "invert", "edit"])
+def test_device_cuda_without_a_gpu_is_one_line_naming_the_fix(command, image_file, tmp_path,
+                                                               capsys):
+    options = {"generate": ["--prompt", SOURCE, "--out", str(tmp_path / "g.png")],
+               "invert": ["--image", str(image_file), "--prompt", SOURCE,
+                          "--out", str(tmp_path / "n.safetensors")],
+               "edit": ["--image", str(image_file), "--source", SOURCE, "--target", TARGET,
+                        "--out", str(tmp_path / "e.png")]}[command]
+    assert main([command, *options, "--device", "cuda"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and "Traceback" not in err and captured.out == ""
+    assert "--device cuda" in err and "no CUDA GPU" in err and "'cpu'" in err
+    assert not list(tmp_path.glob("[gne].*"))  # nothing written
+
+
+@no_cuda
+def test_bench_and_world_training_refuse_a_missing_gpu_in_one_line(capsys):
+    from icd_lite import bench
+    from icd_lite.world import train
+
+    for run in (lambda: bench.main(["world", "--device", "cuda"]),
+                lambda: train.main(["--stage", "vae", "--device", "cuda"])):
+        with pytest.raises(SystemExit) as exit_info:
+            run()
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "no CUDA GPU" in err and "Traceback" not in err
+        assert len([line for line in err.splitlines() if "error:" in line]) == 1
+
+
+def test_every_command_documents_device_and_threads(capsys):
+    from icd_lite import bench
+    from icd_lite.world import train
+
+    for run in (lambda: main(["generate", "--help"]), lambda: bench.main(["--help"]),
+                lambda: train.main(["--help"])):
+        with pytest.raises(SystemExit):
+            run()
+        text = capsys.readouterr().out
+        assert "--device" in text and "--threads" in text and "cuda" in text
