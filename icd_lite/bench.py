@@ -268,6 +268,8 @@ def main(argv=None) -> None:
     parser.add_argument("--nti-per-type", type=int, default=6, metavar="N",
                         help="editing: ToyBench cases per edit type for NTI + P2P, the slow "
                              "editor; 0 leaves it out (default: %(default)s)")
+    parser.add_argument("--out-dir", type=Path, default=OUT_DIR, metavar="DIR",
+                        help="where <suite>.json is written (default: %(default)s)")
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -288,8 +290,8 @@ def main(argv=None) -> None:
         results = bench_editing(args.n, args.nti_per_type, device=device,
                                 timing_cases=args.timing)
         print_editing(results)
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    path = OUT_DIR / f"{args.suite}.json"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"{args.suite}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {path}")
 
