@@ -44,10 +44,8 @@ import torch
 
 from devicecheck import ICD_DIR, DeviceLeakChecker, import_time_host_tensors, no_leaks
 from icd_lite import baselines, bench, cli, editing, editing_evaluation, evaluation, losses
-from icd_lite import metrics, toy2d, toybench
-from icd_lite.components import load_components
+from icd_lite import load_components, load_pipeline, metrics, toy2d, toybench
 from icd_lite.distill import RECIPES, LatentCaptions, distill, encode_dataset
-from icd_lite.pipeline import load_pipeline
 from icd_lite.students import student_from_teacher
 from icd_lite.world import checkpoints, train
 from icd_lite.world.loading import load_clip, load_vae
