@@ -250,13 +250,10 @@ def add_common_options(parser: argparse.ArgumentParser, seed_help: str) -> None:
                              "CD4 + L_r, the paper's full method), 3 loads 'G3' (Table 5) "
                              "(default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help=f"{seed_help} (default: %(default)s)")
-    add_device_arguments(parser, threads=1)
-    options = {action.dest: action for action in parser._actions}
-    options["device"].help += " (default: %(default)s)"
-    options["threads"].type, options["threads"].metavar = positive_int, "N"
-    options["threads"].help = ("CPU threads for torch, ignored on a GPU; the toy tensors are "
-                               "tiny, so one is fastest, and far faster when other programs keep "
-                               "the cores busy (default: %(default)s)")
+    add_device_arguments(parser, threads=1,
+                         threads_help="CPU threads for torch, ignored on a GPU; the toy tensors "
+                                      "are tiny, so one is fastest, and far faster when other "
+                                      "programs keep the cores busy")
     parser.add_argument("--scale", type=positive_int, default=1, metavar="K",
                         help="enlarge every saved PNG K times by nearest neighbour, for viewing "
                              "only (a larger PNG is resized back to 32x32 when read again) "

@@ -12,6 +12,8 @@ Conventions, kept by every module (``tests/test_device.py`` checks them):
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 AUTO = "auto"
@@ -51,11 +53,18 @@ def configure_threads(device: str | torch.device, threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def add_device_arguments(parser, threads: int | None = None) -> None:
-    """``--device`` (default auto) and ``--threads`` (CPU only) for an argparse command."""
+def _thread_count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, threads: int | None = None,
+                         threads_help: str = "CPU threads for torch, ignored on a GPU") -> None:
+    """``--device`` (default auto) and ``--threads N`` (CPU only) for an argparse command."""
     parser.add_argument("--device", default=AUTO,
                         help="where the models run: auto (CUDA if available, else CPU), cpu, "
-                             "cuda, cuda:N")
-    parser.add_argument("--threads", type=int, default=threads,
-                        help="CPU threads (ignored on a GPU)"
-                             + ("" if threads is None else f"; default {threads}"))
+                             "cuda, cuda:N (default: %(default)s)")
+    parser.add_argument("--threads", type=_thread_count, default=threads, metavar="N",
+                        help=f"{threads_help} (default: %(default)s)")
