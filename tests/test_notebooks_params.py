@@ -136,3 +136,14 @@ def test_make_figures_refuses_an_unknown_key_before_running_anything(tmp_path):
     assert "unknown parameter 'presett'" in result.stderr
     assert "declare: device, preset" in result.stderr
     assert "==" not in result.stdout  # no notebook started
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda nb: nb.name)
+def test_papermill_reads_every_parameter(notebook):
+    """papermill's own reader (``papermill --help-notebook``) skips, with a warning, any line
+    with two '=' - e.g. a comment "(w = 8)" - so it must find every name the cell declares."""
+    from papermill.translators import PythonTranslator
+
+    cell = {"source": notebook_params.parameters_cell(notebook)}
+    names = [parameter.name for parameter in PythonTranslator.inspect(cell)]
+    assert names == notebook_params.declared_parameters(notebook)
