@@ -82,7 +82,7 @@ def encode(student: Student, x0: torch.Tensor, boundaries: Boundaries, cond,
     the draw is moved to x0's device), since the students are trained on
     the DDIM grid and never see t = 0; then (19 -> b_1 -> ... -> 999).
     """
-    eps = torch.randn(x0.shape, generator=generator)  # CPU float32: the same eps everywhere
-    x = schedule.add_noise(x0, eps.to(x0.device, x0.dtype), start)
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype)  # on the generator's CPU
+    x = schedule.add_noise(x0, eps.to(x0.device), start)
     return sample_consistency(student, x, boundaries.encoding_steps(start), cond, None,
                               schedule, callback, disable)
