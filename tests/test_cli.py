@@ -57,7 +57,7 @@ def test_the_input_is_never_overwritten(image_file, tmp_path, capsys, option):
     outputs = {"--out": str(tmp_path / "out.png"), "--reconstruction": str(tmp_path / "r.png")}
     outputs[option] = str(same)
     assert main(["edit", "--image", str(image_file), "--source", SOURCE, "--target", TARGET,
-                 *[item for pair in outputs.items() for item in pair]]) == 2
+                 *[item for pair in outputs.items() for item in pair]]) == 1
     assert "input image" in capsys.readouterr().err
     assert image_file.read_bytes() == before
     assert not (tmp_path / "out.png").exists()
@@ -75,9 +75,9 @@ def test_rgba_of_another_size_is_converted_with_a_warning(image_file, tmp_path, 
 def test_a_file_that_is_not_an_image_is_a_clear_error(tmp_path, capsys):
     notes = tmp_path / "notes.txt"
     notes.write_text("not a picture")
-    assert edit(notes, tmp_path / "out.png") == 2
+    assert edit(notes, tmp_path / "out.png") == 1  # a file error: status 1
     assert "notes.txt" in capsys.readouterr().err
-    assert edit(tmp_path / "missing.png", tmp_path / "out.png") == 2
+    assert edit(tmp_path / "missing.png", tmp_path / "out.png") == 1
     assert "missing.png" in capsys.readouterr().err
 
 
