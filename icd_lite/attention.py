@@ -40,6 +40,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from .checks import check_finite
 from .world.text import tokenize
 
 SELF_MAX_TOKENS = 32 * 32
@@ -125,6 +126,22 @@ def changed_words(source: str, target: str) -> tuple[str, ...]:
                  for word in b[j1:j2])
 
 
+P2P_FIXES = {"cross_fraction": "the fraction of the steps whose cross-attention is carried over",
+             "self_fraction": "the fraction of the steps whose self-attention is carried over",
+             "blend_threshold": "the local blend keeps the pixels above it in the scaled map",
+             "blend_start": "the fraction of the steps after which the local blend starts"}
+
+
+def check_p2p_numbers(**values) -> None:
+    """ValueError unless every given P2P setting is finite and in range: the fractions and the
+    blend threshold in [0, 1], ``amplify`` > 0 (1 = no reweighting)."""
+    for name, value in values.items():
+        if name == "amplify":
+            check_finite(name, value, 0, low_open=True, fix="1 = no reweighting, e.g. 4")
+        else:
+            check_finite(name, value, 0, 1, fix=P2P_FIXES[name])
+
+
 def _one_per_edit(value, batch: int, name: str) -> list:
     """None for every edit, or the given list, which must have one entry per edit."""
     if value is None:
@@ -160,12 +177,9 @@ class PromptToPrompt:
         if len(sources) != len(targets):
             raise ValueError(f"got {len(sources)} source and {len(targets)} target prompts; "
                              f"give one target per source")
-        for name, value in (("cross_fraction", cross_fraction), ("self_fraction", self_fraction),
-                            ("blend_threshold", blend_threshold), ("blend_start", blend_start)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {value}")
-        if amplify <= 0:
-            raise ValueError(f"amplify must be > 0 (1 = no reweighting), got {amplify}")
+        check_p2p_numbers(cross_fraction=cross_fraction, self_fraction=self_fraction,
+                          amplify=amplify, blend_threshold=blend_threshold,
+                          blend_start=blend_start)
         batch = len(sources)
         pairs = [token_mapping(tokenizer, s, t, mode) for s, t in zip(sources, targets)]
         self.mapping = torch.stack([m for m, _ in pairs])  # [B, L]

@@ -25,9 +25,10 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from .checks import check_finite
 from .components import Components
 from .guidance import cfg, classical_to_code, guided_model
-from .pipeline import CountCalls, Output, as_prompts, guidance_schedule
+from .pipeline import TAU_FIX, W_FIX, CountCalls, Output, as_prompts, guidance_schedule
 from .solver import (ddim_jump, invert_ddim, inversion_timesteps, sample_ddim, sampling_timesteps,
                      timestep_batch)
 
@@ -73,6 +74,10 @@ def ddim_reconstruct(components: Components, images: torch.Tensor, prompts, w: f
                      steps: int = 50) -> Output:
     """DDIM inversion (guided by ``w_encode``/``tau_encode``, unguided by default) and DDIM
     decoding guided by (w, tau): the paper's fDDIM50 / DDIM50 rows."""
+    guidance_schedule(w, tau)  # checks them before any work
+    check_finite("w_encode", w_encode, 1, fix=W_FIX)
+    if tau_encode is not None:
+        check_finite("tau_encode", tau_encode, 0, 1, fix=TAU_FIX)
     begin = time.perf_counter()
     z0, cond, null = prepare(components, images, prompts)
     model = CountCalls(components.eps_model())
@@ -87,6 +92,7 @@ def negative_prompt_reconstruct(components: Components, images: torch.Tensor, pr
                                 w: float = 8.0, steps: int = 50) -> Output:
     """NPI: unguided DDIM inversion, then guided decoding with the source prompt as the
     unconditional input (so the CFG step reduces to the conditional one)."""
+    guidance_schedule(w)  # checks w before any work
     begin = time.perf_counter()
     z0 = components.encode_images(images)
     cond = components.encode_prompt(as_prompts(prompts, len(images)))
@@ -106,8 +112,13 @@ def null_text_inversion(components: Components, z0: torch.Tensor, cond: torch.Te
     Returns (x_999, [u_t for each decoding step]); decoding from x_999 with CFG w and u_t as the
     unconditional input at step i retraces the unguided inversion path.
     """
+    w_code = classical_to_code(w)  # checks w (finite, >= 1)
+    check_finite("inner_steps", inner_steps, 0, integer=True,
+                 fix="Adam steps per timestep, e.g. 10")
+    check_finite("lr", lr, 0, low_open=True, fix="Adam's learning rate, e.g. 1e-2")
+    check_finite("early_stop", early_stop, 0,
+                 fix="the loss below which a timestep stops, e.g. 1e-5")
     model = model or components.eps_model()
-    w_code = classical_to_code(w)
     with torch.no_grad():
         path = _inversion_path(model, z0, cond, steps)
     grid = sampling_timesteps(steps)

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import PromptToPrompt, attention_control
+from .attention import PromptToPrompt, attention_control, check_p2p_numbers
 from .baselines import ddim_invert, null_text_inversion, prepare
+from .checks import check_finite
 from .consistency import consistency_fn
 from .guidance import cfg, classical_to_code
 from .pipeline import CountCalls, ICDPipeline, as_prompts, guidance_schedule
@@ -60,6 +61,10 @@ class P2PSettings:
     self_fraction: float = 0.6
     amplify: float = 4.0
     blend_threshold: float = 0.3
+
+    def __post_init__(self):
+        check_p2p_numbers(cross_fraction=self.cross_fraction, self_fraction=self.self_fraction,
+                          amplify=self.amplify, blend_threshold=self.blend_threshold)
 
     def controller(self, tokenizer, sources, targets, num_steps, blend_words=None,
                    amplify_words=None) -> PromptToPrompt:
@@ -115,6 +120,7 @@ def icd_edit(pipeline: ICDPipeline, images: torch.Tensor, sources, targets, w: f
     target words to reweight, e.g. [("blue",)] (default: the words that changed).
     """
     begin = time.perf_counter()
+    guidance = guidance_schedule(w, tau)  # checks w and tau (finite, in range) first
     components, batch = pipeline.base, len(images)
     sources, targets = _prompt_pairs(components, images, sources, targets)
     controller = _controller(p2p, components, sources, targets, pipeline.boundaries.m,
@@ -122,7 +128,7 @@ def icd_edit(pipeline: ICDPipeline, images: torch.Tensor, sources, targets, w: f
     cond = components.encode_prompt(sources + targets)  # [sources; targets], encoded once
     noise, encoder_nfe = pipeline.encode_latents(components.encode_images(images), cond[:batch],
                                                  seed)
-    guidance, x = guidance_schedule(w, tau), noise.repeat(2, 1, 1, 1)
+    x = noise.repeat(2, 1, 1, 1)
     reverse = CountCalls(pipeline.reverse_student)
     with attention_control(pipeline.reverse_student.unet, controller):
         for i, (t, s) in enumerate(pipeline.boundaries.decoding_steps()):
@@ -141,11 +147,11 @@ def prompt_switch_edit(pipeline: ICDPipeline, images: torch.Tensor, sources, tar
     on the unguided steps the source prompt's embeddings stand in for the target's (so with
     w = 1 every step is unguided and the result is the reconstruction)."""
     begin = time.perf_counter()
+    guidance = guidance_schedule(w, tau)  # checks w and tau first
     components = pipeline.base
     sources, targets = _prompt_pairs(components, images, sources, targets)
     source_cond, target_cond = components.encode_prompt(sources + targets).chunk(2)
     x, encoder_nfe = pipeline.encode_latents(components.encode_images(images), source_cond, seed)
-    guidance = guidance_schedule(w, tau)
     reverse = CountCalls(pipeline.reverse_student)
     for t, s in pipeline.boundaries.decoding_steps():
         w_code = guidance(t)
@@ -177,6 +183,9 @@ def baseline_edit(components, images: torch.Tensor, sources, targets, method: st
     """DDIM50 inversion + P2P, NPI + P2P or NTI + P2P on the teacher (``method``)."""
     if method not in BASELINES:
         raise ValueError(f"unknown baseline {method!r}; choose one of {BASELINES}")
+    guidance_schedule(w)  # checks w before any work; steps are checked by the DDIM grid
+    check_finite("nti_inner_steps", nti_inner_steps, 0, integer=True,
+                 fix="Adam steps per timestep of null-text inversion, e.g. 10")
     begin = time.perf_counter()
     sources, targets = _prompt_pairs(components, images, sources, targets)
     z0, source_cond, null = prepare(components, images, sources)

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from . import toybench
 from .editing import P2PSettings, baseline_edit, icd_edit, prompt_switch_edit
+from .checks import check_finite
 from .metrics import ToyPerception
-from .pipeline import ICDPipeline
+from .pipeline import TAU_FIX, W_FIX, ICDPipeline
 
 # The authors' benchmark scripts use w = 20 (w_code 19), tau 0.8 (method.md section 5). The toy
 # students edit best near w = 4: on 48 ToyBench cases CLIP-T 0.732 / 0.721 / 0.706 at w = 4 / 8 /
@@ -39,7 +40,14 @@ def make_editors(components, pipes: dict[str, ICDPipeline], w_icd: float = W_ICD
                  steps: int = 50) -> dict:
     """name -> editor(images, sources, targets, blend_words) -> editing.Edit; the iCD editors
     guide with ``w_icd``, the teacher baselines with ``w_teacher`` over ``steps`` DDIM steps
-    (the paper's 50; fewer only for quick checks)."""
+    (the paper's 50; fewer only for quick checks). The numbers are checked here (finite, in
+    range), before any editor runs."""
+    check_finite("w_icd", w_icd, 1, fix=W_FIX)
+    check_finite("tau", tau, 0, 1, fix=TAU_FIX)
+    check_finite("w_teacher", w_teacher, 1, fix=W_FIX)
+    check_finite("nti_inner_steps", nti_inner_steps, 0, integer=True, fix="e.g. 10")
+    check_finite("steps", steps, 1, 1000, integer=True, fix="DDIM steps of the baselines, e.g. 50")
+
     def icd(recipe):
         return lambda x, s, t, b: icd_edit(pipes[recipe], x, s, t, w_icd, tau, p2p, b)
 
@@ -168,11 +176,13 @@ def edit_timing(editors: dict, cases: list[toybench.EditCase], pipe: ICDPipeline
 
 def tradeoff(perception: ToyPerception, cases, editor_at, ws, label: str) -> list[dict]:
     """Text alignment (CLIP-T with the target) vs preservation (DinoV2-like to the source, and
-    background PSNR) of one editor over guidance scales: ``editor_at(w)`` is the editor at w."""
+    background PSNR) of one editor over guidance scales: ``editor_at(w)`` is the editor at w.
+    "skipped" counts the cases left out of a mean (an empty background region, see
+    ``toybench.summarize``)."""
     rows = []
     for w in ws:
         edited, _ = run_editor(editor_at(w), cases, desc=f"{label}, w = {w:g}")
         summary = toybench.summarize(toybench.evaluate(perception, cases, edited))["all"]
         rows.append({"editor": label, "w": w, **{key: summary[key] for key in (
-            "clip_t", "dino_like", "bg_psnr", "attribute_ok")}})
+            "clip_t", "dino_like", "bg_psnr", "attribute_ok", "skipped")}})
     return rows

@@ -27,13 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_finite
 from .schedule import NUM_TRAIN_TIMESTEPS
 
 
 def classical_to_code(w: float) -> float:
-    """Classical scale w (1 = unguided) to the code unit w_code = w - 1."""
-    if w < 1:
-        raise ValueError(f"the classical guidance scale w must be >= 1 (1 = unguided), got {w}")
+    """Classical scale w (1 = unguided) to the code unit w_code = w - 1; w must be finite."""
+    check_finite("the classical guidance scale w", w, 1, fix="1 = unguided, e.g. 8")
     return w - 1.0
 
 
@@ -44,9 +44,8 @@ def code_to_classical(w_code: float) -> float:
 
 
 def check_w_code(w_code) -> None:
-    if torch.as_tensor(w_code).lt(0).any():
-        raise ValueError(f"guidance w_code must be >= 0 (0 = unguided; classical w = w_code + 1), "
-                         f"got {w_code}")
+    """w_code (a number, or a tensor with one per sample) must be finite and >= 0."""
+    check_finite("guidance w_code", w_code, 0, fix="0 = unguided; classical w = w_code + 1")
 
 
 def cfg(eps_cond: torch.Tensor, eps_uncond: torch.Tensor, w_code) -> torch.Tensor:
@@ -77,10 +76,8 @@ class GuidanceSchedule:
         if self.kind not in kinds:
             raise ValueError(f"unknown guidance schedule kind {self.kind!r}; choose one of {kinds}")
         for name in ("tau1", "tau2"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} is a fraction of the trajectory and must lie in [0, 1], "
-                                 f"got {value}")
+            check_finite(name, getattr(self, name), 0, 1,
+                         fix=f"{name} is a fraction of the trajectory (t / T)")
         if self.tau1 > self.tau2:
             raise ValueError(f"need tau1 <= tau2, got tau1 = {self.tau1}, tau2 = {self.tau2}")
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import check_finite
 from .consistency import as_batch, consistency_fn
 from .guidance import cfg, check_w_code
 from .schedule import SD15_SCHEDULE, Boundaries, NoiseSchedule, ddim_timesteps
@@ -40,8 +41,7 @@ def pseudo_huber(prediction: torch.Tensor, target: torch.Tensor, c: float = 1e-3
     """d(a, b) = mean(sqrt((a - b)^2 + c^2) - c): L2-like near 0, L1-like far away."""
     if prediction.shape != target.shape:
         raise ValueError(f"shapes differ: {tuple(prediction.shape)} vs {tuple(target.shape)}")
-    if c <= 0:
-        raise ValueError(f"pseudo-Huber c must be > 0, got {c}")
+    check_finite("pseudo-Huber c", c, 0, low_open=True, fix="e.g. 1e-3")
     return torch.mean(torch.sqrt((prediction.float() - target.float()) ** 2 + c**2) - c)
 
 
@@ -159,9 +159,10 @@ class ICDConfig:
     def __post_init__(self):
         if not isinstance(self.boundaries, Boundaries):
             raise TypeError("boundaries must be a Boundaries (see schedule.default_boundaries)")
-        if self.lambda_f < 0 or self.lambda_r < 0:
-            raise ValueError(f"lambda_f and lambda_r must be >= 0, got {self.lambda_f}, "
-                             f"{self.lambda_r}")
+        for name in ("lambda_f", "lambda_r"):
+            check_finite(name, getattr(self, name), 0, fix="0 switches that preservation loss off")
+        check_finite("huber_c", self.huber_c, 0, low_open=True, fix="e.g. 1e-3")
+        check_finite("grad_clip", self.grad_clip, 0, low_open=True, fix="a gradient norm, e.g. 1")
         check_w_code(torch.as_tensor(self.w_code_choices))
         if not self.forward_cd and self.lambda_f == 0:
             raise ValueError("with forward_cd=False and lambda_f=0 nothing trains the forward "

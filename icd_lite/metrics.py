@@ -35,16 +35,22 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .checks import check_image_values
 from .world.scenes import BACKGROUND_COLORS, OBJECT_COLORS, PATTERNS, SHAPES, SIZES
 from .world.text import build_tokenizer, tokenize
 
 
 def _check_images(*images: torch.Tensor) -> None:
+    """Batches [B, 3, H, W] of one shape, finite (ValueError), and in [-1, 1]: an image with no
+    negative value, as a [0, 1] image would be, gets an ``ImageRangeWarning`` (a UserWarning,
+    not an error: an all-white or all-gray image is a legal one to score)."""
     for x in images:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"images must be [B, 3, H, W] in [-1, 1], got shape {tuple(x.shape)}")
     if len({tuple(x.shape) for x in images}) > 1:
         raise ValueError(f"image batches differ in shape: {[tuple(x.shape) for x in images]}")
+    for x in images:
+        check_image_values(x)
 
 
 def _on_device_of(a: torch.Tensor, *others):
@@ -55,30 +61,51 @@ def _on_device_of(a: torch.Tensor, *others):
 def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image mean squared error on the [0, 1] scale, shape [B]."""
     _check_images(a, b)
+    return _mse(a, b)
+
+
+def _mse(a, b):
     (b,) = _on_device_of(a, b)
     return (((a - b) / 2) ** 2).flatten(1).mean(1)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB for images in [-1, 1] (peak = 1 on the [0, 1] scale), shape [B]."""
-    return -10 * torch.log10(mse(a.clamp(-1, 1), b.clamp(-1, 1)).clamp_min(1e-10))
+    _check_images(a, b)  # before clamping, which would turn inf into 1
+    return -10 * torch.log10(_mse(a.clamp(-1, 1), b.clamp(-1, 1)).clamp_min(1e-10))
+
+
+def _nan_where_empty(values: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``values`` [B] with NaN where ``keep`` [B, ...] holds no True: no pixel to compare."""
+    return values.masked_fill(~keep.flatten(1).any(1), float("nan"))
 
 
 def masked_mse(a, b, keep: torch.Tensor) -> torch.Tensor:
-    """MSE over the pixels where ``keep`` ([B, H, W] bool) is True, e.g. outside an edit mask."""
+    """MSE over the pixels where ``keep`` ([B, H, W] bool) is True, e.g. outside an edit mask;
+    NaN where keep is empty: no pixel to compare (``np.nanmean`` skips it in a table)."""
     _check_images(a, b)
+    return _masked_mse(a, b, keep)
+
+
+def _masked_mse(a, b, keep):
     b, keep = _on_device_of(a, b, keep)
-    keep = keep[:, None].float()
-    return ((((a - b) / 2) ** 2) * keep).flatten(1).sum(1) / (3 * keep.flatten(1).sum(1)).clamp_min(1)
+    weights = keep[:, None].float()
+    mse_kept = (((((a - b) / 2) ** 2) * weights).flatten(1).sum(1)
+                / (3 * weights.flatten(1).sum(1)).clamp_min(1))
+    return _nan_where_empty(mse_kept, keep)
 
 
 def masked_psnr(a, b, keep: torch.Tensor) -> torch.Tensor:
-    return -10 * torch.log10(masked_mse(a.clamp(-1, 1), b.clamp(-1, 1), keep).clamp_min(1e-10))
+    """PSNR over the pixels where ``keep`` is True; NaN where keep is empty: no pixel to
+    compare."""
+    _check_images(a, b)
+    return -10 * torch.log10(_masked_mse(a.clamp(-1, 1), b.clamp(-1, 1), keep).clamp_min(1e-10))
 
 
 def ssim(a, b, keep: torch.Tensor | None = None, window: int = 7) -> torch.Tensor:
     """Structural similarity (Wang et al. 2004, uniform window) per image, averaged over the
-    pixels where ``keep`` is True (all pixels by default)."""
+    pixels where ``keep`` is True (all pixels by default); NaN where keep is empty: no pixel to
+    compare."""
     _check_images(a, b)
     b, keep = _on_device_of(a, b, keep)
     a, b = (a.clamp(-1, 1) + 1) / 2, (b.clamp(-1, 1) + 1) / 2
@@ -93,7 +120,8 @@ def ssim(a, b, keep: torch.Tensor | None = None, window: int = 7) -> torch.Tenso
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / (
         (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     weights = torch.ones_like(a[:, :1]) if keep is None else keep[:, None].float()
-    return (ssim_map * weights).flatten(1).sum(1) / (3 * weights.flatten(1).sum(1)).clamp_min(1)
+    values = (ssim_map * weights).flatten(1).sum(1) / (3 * weights.flatten(1).sum(1)).clamp_min(1)
+    return values if keep is None else _nan_where_empty(values, keep)
 
 
 def latent_nll(z: torch.Tensor) -> float:

@@ -34,6 +34,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DCon
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging as diffusers_logging
 
+from .checks import check_finite
 from .components import Components, load_components
 from .consistency import decode as consistency_decode
 from .consistency import encode as consistency_encode
@@ -69,8 +70,16 @@ class CountCalls:
         return self.model(*args, **kwargs)
 
 
+W_FIX = "the classical guidance scale: 1 = unguided, e.g. 4 or 8"
+TAU_FIX = "guidance only for t / T <= tau; None guides every step"
+
+
 def guidance_schedule(w: float, tau: float | None = None) -> GuidanceSchedule:
-    """Classical w (1 = unguided), constant when tau is None, else the paper's dynamic CFG."""
+    """Classical w (1 = unguided), constant when tau is None, else the paper's dynamic CFG; w
+    and tau must be finite (ValueError naming them otherwise)."""
+    check_finite("w", w, 1, fix=W_FIX)
+    if tau is not None:
+        check_finite("tau", tau, 0, 1, fix=TAU_FIX)
     w_code = classical_to_code(w)
     return constant_guidance(w_code) if tau is None else step_guidance(w_code, tau)
 
@@ -170,12 +179,15 @@ class ICDPipeline(DiffusionPipeline):
         if tuple(noise.shape[1:]) != self.latent_shape:
             raise ValueError(f"noise must have shape [B, {', '.join(map(str, self.latent_shape))}]"
                              f" for this model, got {tuple(noise.shape)}")
+        if not bool(torch.isfinite(noise).all()):
+            raise ValueError("noise (latents) contains NaN or infinite values; draw it with "
+                             "torch.randn or take it from encode(...).latents")
+        guidance = guidance_schedule(w, tau)  # checks w and tau before any work
         begin = time.perf_counter()
         cond = self.base.encode_prompt(as_prompts(prompts, len(noise)))
         student = CountCalls(self.reverse_student)
         noise = noise.to(self.device, self.reverse_unet.dtype)
-        latents = consistency_decode(student, noise, self.boundaries, cond,
-                                     guidance_schedule(w, tau))
+        latents = consistency_decode(student, noise, self.boundaries, cond, guidance)
         images = self.base.decode_latents(latents)
         return Output(images, latents, student.calls, time.perf_counter() - begin)
 
@@ -191,6 +203,7 @@ class ICDPipeline(DiffusionPipeline):
     def reconstruct(self, images: torch.Tensor, prompts, w: float = 1.0,
                     tau: float | None = None, seed: int = 0) -> Output:
         """Inversion: encode, then decode with the same prompt (NFE and time of both)."""
+        guidance_schedule(w, tau)  # checks w and tau before encoding
         encoded = self.encode(images, prompts, seed)
         decoded = self.decode(encoded.latents, prompts, w, tau)
         return Output(decoded.images, decoded.latents, encoded.nfe + decoded.nfe,
@@ -211,6 +224,7 @@ class ICDPipeline(DiffusionPipeline):
         latents. Returns ``Output`` (images, latents, nfe, seconds), or a tuple
         ``(images, nfe)`` with ``return_dict=False``.
         """
+        check_finite("guidance_scale", guidance_scale, 1, fix=W_FIX)
         if num_inference_steps is not None and num_inference_steps != self.boundaries.m:
             raise ValueError(f"this pair decodes in m = {self.boundaries.m} steps (its "
                              f"boundaries); got num_inference_steps={num_inference_steps}")

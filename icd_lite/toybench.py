@@ -21,6 +21,8 @@ import argparse
 import difflib
 import hashlib
 import json
+import math
+import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import metrics
+from .checks import ImageRangeWarning
 from .world.scenes import (BACKGROUND_COLORS, EDIT_TYPES, OBJECT_COLORS, PATTERNS, SHAPES, SIZES,
                            Scene, SceneObject, add_object, caption, change_background,
                            change_color, change_shape, change_size, edit_mask, random_edit,
@@ -269,17 +272,34 @@ def evaluate(perception: metrics.ToyPerception, cases: list[EditCase],
              edited: torch.Tensor) -> list[dict]:
     """One row per case: every metric of the module docstring, for edited [N, 3, 32, 32] in
     [-1, 1] (the background ones outside the edit mask, against the source image), on the
-    device of ``edited`` (the rendered cases are moved there)."""
+    device of ``edited`` (the rendered cases are moved there).
+
+    The background metrics are NaN for a case whose edit mask covers the whole image (no
+    background to compare; none of the 300 default cases); ``summarize`` skips and counts them.
+    ``edited`` is checked once (finite; an image without a negative value warns, see
+    ``metrics``); the masked composites made from it are not re-checked, as a white background
+    outside the mask legitimately has no negative value."""
     source, target, mask, _, prompts = case_batch(cases)
     if edited.shape != source.shape:
         raise ValueError(f"edited images must be [{len(cases)}, 3, 32, 32], one per case, got "
                          f"{tuple(edited.shape)}")
+    metrics._check_images(edited)
     source, target, mask = (x.to(edited.device) for x in (source, target, mask))
-    edited, keep = edited.float(), ~mask
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ImageRangeWarning)
+        columns = _columns(perception, cases, edited.float(), source, target, mask, prompts)
+    return [{"id": case.id, "edit_type": case.edit_type,
+             **{name: column[n].item() for name, column in columns.items()}}
+            for n, case in enumerate(cases)]
+
+
+def _columns(perception, cases, edited, source, target, mask, prompts) -> dict:
+    """Every metric of ``evaluate`` as a tensor [N]."""
+    keep = ~mask
     # PIE-Bench sets the edit region to 0 in both images, so windows (SSIM, ViT patches) that
     # straddle the mask's edge compare only background.
     bg_edited, bg_source = edited * keep[:, None], source * keep[:, None]
-    columns = {
+    return {
         "structure": structure_distance(perception, source, edited),
         "bg_psnr": metrics.masked_psnr(edited, source, keep),
         "bg_lpips": perception.lpips_like(bg_edited, bg_source),
@@ -291,19 +311,27 @@ def evaluate(perception: metrics.ToyPerception, cases: list[EditCase],
         "psnr_target": metrics.psnr(edited, target),
         "attribute_ok": attribute_correct(perception, cases, edited),
     }
-    return [{"id": case.id, "edit_type": case.edit_type,
-             **{name: column[n].item() for name, column in columns.items()}}
-            for n, case in enumerate(cases)]
+
+
+def _nanmean(values) -> float:
+    """The mean of the values that are not NaN (NaN: a metric over an empty region); NaN if
+    none is. With no NaN it is exactly ``np.mean(values)``."""
+    values = np.asarray(values, dtype=np.float64)
+    valid = values[~np.isnan(values)]
+    return float(np.mean(valid)) if valid.size else float("nan")
 
 
 def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
-    """The mean of every metric per edit type and over "all" cases, with "cases", the count."""
+    """The mean of every metric per edit type and over "all" cases, with "cases", the count,
+    and "skipped", the cases with a NaN metric (an empty background region: see ``evaluate``);
+    each mean is over the cases where that metric is not NaN."""
     if not rows:
         raise ValueError("summarize needs at least one row of evaluate")
     groups = {t: [row for row in rows if row["edit_type"] == t] for t in EDIT_TYPES}
     groups = {name: group for name, group in groups.items() if group} | {"all": rows}
     return {name: {"cases": len(group),
-                   **{key: float(np.mean([row[key] for row in group])) for key in METRICS}}
+                   "skipped": sum(any(math.isnan(row[key]) for key in METRICS) for row in group),
+                   **{key: _nanmean([row[key] for row in group]) for key in METRICS}}
             for name, group in groups.items()}
 
 

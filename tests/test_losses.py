@@ -270,8 +270,8 @@ def test_config_defaults_are_the_sd15_release():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(lambda_f=-0.1), "lambda_f and lambda_r must be >= 0"),
-    (dict(lambda_r=-1.0), "lambda_f and lambda_r must be >= 0"),
+    (dict(lambda_f=-0.1), "lambda_f must be >= 0"),
+    (dict(lambda_r=-1.0), "lambda_r must be >= 0"),
     (dict(w_code_choices=(0.0, -7.0)), "w_code must be >= 0"),
 ])
 def test_config_rejects_bad_values(kwargs, message):
