@@ -446,7 +446,7 @@ def run_generate(args) -> None:
     (prompt,) = checked_prompts(args.prompt)
     pipeline = load_pipeline(RECIPE_FOR_STEPS[args.steps], device=args.device)
     images, nfe, seconds = generate_in_chunks(pipeline, prompt, args.w, args.tau, args.seed,
-                                              args.num_images)
+                                              args.num_images, GENERATE_CHUNK)
     with AllOrNothing() as files:
         for image, path in zip(images, paths):
             save_png(image, files.temporary(path), args.scale)
