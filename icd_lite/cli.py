@@ -113,6 +113,9 @@ def open_rgb(path: Path) -> Image.Image:
         raise FileError(f"cannot read the image {path}: no such file")
     if path.is_dir():
         raise FileError(f"cannot read the image {path}: it is a directory; give an image file")
+    if not path.is_file():
+        raise FileError(f"cannot read the image {path}: not a regular file (a pipe or a device);"
+                        f" give an image file")
     if path.stat().st_size == 0:
         raise FileError(f"cannot read the image {path}: the file is empty (0 bytes)")
     try:
@@ -131,8 +134,8 @@ def open_rgb(path: Path) -> Image.Image:
                     image = file.copy()
     except FileError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise too_large(path, one_line(error).split(", could be")[0]) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise too_large(path, header_size(path)) from None
     except Image.UnidentifiedImageError:
         raise FileError(f"cannot read the image {path}: not an image file PIL can read; give a "
                         f"PNG or JPEG") from None
@@ -145,6 +148,20 @@ def open_rgb(path: Path) -> Image.Image:
         warn(f"{path} has the EXIF orientation {orientation} "
              f"({ORIENTATIONS[orientation]}); turned it upright, as image viewers show it")
     return rgb_picture(image, path, bits)
+
+
+def header_size(path: Path) -> str:
+    """'W x H px' of an image PIL refused as a decompression bomb, from its header alone (PIL's
+    check is off for this one lazy open; nothing is decoded)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = None
+        with Image.open(path) as file:
+            return f"{file.width} x {file.height} px"
+    except Exception:
+        return f"over {limit} pixels"
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 ORIENTATIONS = {2: "mirrored", 3: "rotated 180 degrees", 4: "mirrored vertically",
