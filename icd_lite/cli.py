@@ -50,10 +50,11 @@ from PIL import ExifTags, Image, ImageOps
 from safetensors.torch import save_file
 
 from .attention import controlled_steps
+from .checks import ImageRangeWarning
 from .device import add_device_arguments, configure_threads, resolve_device
-from .pipeline import load_pipeline
 from .editing import P2PSettings, icd_edit
 from .metrics import psnr
+from .pipeline import load_pipeline
 from .world.checkpoints import CheckpointError
 from .world.scenes import caption_problem
 from .world.text import build_tokenizer, check_prompt
@@ -75,7 +76,6 @@ MAX_IMAGES = 1024  # generate --num-images
 MAX_SEED = 2**63 - 1  # the largest seed torch.Generator.manual_seed takes as a signed int64
 MAX_GUIDANCE = 100.0  # --w: the paper uses <= 20; far beyond, the decoded latents overflow
 MAX_AMPLIFY = 100.0  # --amplify: P2P reweighting factors are single digits
-MAX_THREADS = 1024  # --threads (torch would try to start that many)
 GENERATE_CHUNK = 64  # generate decodes at most this many images at once
 
 
@@ -651,16 +651,17 @@ def main(argv=None) -> int:
     printed as one line on stderr (an error in the arguments exits with 2 from argparse)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads is not None and args.threads > MAX_THREADS:
-        parser.error(f"argument --threads: must be a whole number in [1, {MAX_THREADS}], got "
-                     f"{args.threads}")
     try:
         try:
             args.device = resolve_device(args.device)
         except ValueError as error:
             raise UsageError(f"--device {args.device}: {error}") from None
         configure_threads(args.device, args.threads)
-        args.run(args)
+        with warnings.catch_warnings():
+            # The pictures were read from files and mapped to [-1, 1] here, so a pale one (all
+            # white, mid-gray) is legal, not a [0, 1] tensor passed by mistake.
+            warnings.simplefilter("ignore", ImageRangeWarning)
+            args.run(args)
     except (FileError, OSError) as error:
         print(f"{PROG} {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 1

@@ -53,10 +53,18 @@ def configure_threads(device: str | torch.device, threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+MAX_THREADS = 1024
+
+
 def _thread_count(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    """``--threads``: a whole number in [1, MAX_THREADS] (argparse reports the message)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be a whole number in [1, {MAX_THREADS}], "
+                                         f"got {text!r}")
     return value
 
 

@@ -112,7 +112,7 @@ NUMBER_CASES = [  # (command, option, value, text of the range in the message)
     ("generate", "--num-images", "0", "[1, 1024]"),
     ("generate", "--num-images", "100000", "[1, 1024]"),
     ("generate", "--threads", "100000", "[1, 1024]"),
-    ("generate", "--threads", "nan", ""),  # device.py's own check: refused, range not named
+    ("generate", "--threads", "nan", "[1, 1024]"),
     ("edit", "--threads", "0", ""),
 ]
 
@@ -240,6 +240,11 @@ def test_the_issues_16_bit_mid_gray_png_is_mid_gray(tmp_path, capsys):
     image = read(path)
     assert abs(image.mean().item()) < 0.1 and image.std().item() < 1e-6
     assert "I;16" in capsys.readouterr().err
+    # end to end: a pale picture read from a file is legal (no "[0, 1] image" refusal)
+    assert main(["invert", "--image", str(path), "--prompt", SOURCE,
+                 "--out", str(tmp_path / "n.safetensors"),
+                 "--reconstruction", str(tmp_path / "r.png")]) == 0
+    assert "no negative value" not in capsys.readouterr().err
 
 
 def test_a_16_bit_image_edits_exactly_as_its_8_bit_twin(tmp_path, capsys):

@@ -155,3 +155,9 @@ def test_call_as_lcm_users_expect(pipe):
     torch.testing.assert_close(tensors, expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="decodes in m = 4 steps"):
         pipe(prompt, num_inference_steps=50)
+
+
+def test_the_base_of_a_pipeline_has_no_teacher(pipe, scenes):
+    images, captions = scenes
+    with pytest.raises(ValueError, match="no teacher UNet"):
+        baselines.ddim_reconstruct(pipe.base, images, captions, steps=2)
