@@ -628,10 +628,8 @@ def generate_parser(commands) -> None:
     parser.add_argument("--num-images", type=image_count, default=1, metavar="N",
                         help=f"how many images, 1 to {MAX_IMAGES}, from one draw of noise, "
                              f"decoded {GENERATE_CHUNK} at a time (default: %(default)s)")
-    add_guidance_options(parser, 4.0, "the paper generates with 8; the shipped toy students "
-                                      "generate best near 4 (shape / colour / background "
-                                      "accuracy 38 / 91 / 89 %% at w = 4 against 30 / 88 / 84 %% "
-                                      "at w = 8, 200 prompts)")
+    add_guidance_options(parser, 8.0, "the paper generates with 8, as does the Python API's "
+                                      "pipe.generate")
     add_common_options(parser, "seeds the initial noise")
     parser.set_defaults(run=run_generate)
 

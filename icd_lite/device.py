@@ -34,7 +34,7 @@ def resolve_device(device: str | torch.device | None = AUTO) -> torch.device:
                          ) from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} was asked for but torch sees no CUDA GPU (torch "
-                         f"{torch.__version__}); use device='auto' or 'cpu', or install a CUDA "
+                         f"{torch.__version__}); use the device auto or cpu, or install a CUDA "
                          f"build of torch")
     if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"device {device!r} does not exist: this machine has "

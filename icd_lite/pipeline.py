@@ -57,6 +57,13 @@ class Output:
     nfe: int
     seconds: float
 
+    def __repr__(self) -> str:
+        def shape(x):
+            return None if x is None else (f"{type(x).__name__} x {len(x)}" if isinstance(x, list)
+                                           else list(x.shape))
+        return (f"Output(images={shape(self.images)}, latents={shape(self.latents)}, "
+                f"nfe={self.nfe}, seconds={self.seconds:.3f})")
+
 
 class CountCalls:
     """Wrap a network and count its calls: one call on a batch is one evaluation per image."""

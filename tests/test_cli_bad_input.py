@@ -411,7 +411,7 @@ def test_generate_gives_the_images_of_the_library(tmp_path, capsys):
 
     assert main(["generate", "--prompt", SOURCE, "--num-images", "3", "--seed", "11",
                  "--out", str(tmp_path / "g.png")]) == 0
-    expected = load_pipeline("G").generate(SOURCE, w=4.0, tau=0.8, seed=11, num_images=3)
+    expected = load_pipeline("G").generate(SOURCE, w=8.0, tau=0.8, seed=11, num_images=3)
     for i, image in enumerate(expected.images):
         pixels = ((image.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0)
         assert np.array_equal(np.asarray(Image.open(tmp_path / f"g_{i}.png")), pixels.numpy())
