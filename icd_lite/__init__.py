@@ -17,14 +17,14 @@ One module per concept, each short enough to read in one sitting:
                     reconstruct with NFE counts; ``load_pipeline("G")`` loads a shipped pair
 * ``device``      - ``resolve_device("auto")``, ``configure_threads``: one device everywhere
 * ``baselines``   - DDIM inversion, null-text inversion, negative-prompt inversion
-* ``evaluation``  - the inversion experiments: Tables 1, 2, 5, 6 and Fig. 4a
 * ``attention``   - Prompt-to-Prompt attention control through diffusers' attention processors
 * ``editing``     - iCD editing, prompt-switch editing, DDIM / NPI / NTI + P2P baselines
-* ``toybench``    - ToyBench: PIE-Bench-style edit cases with exact targets, and its metrics
-* ``editing_evaluation`` - every editor on ToyBench, edit timing, the alignment/preservation sweep
 * ``bench``       - ``python -m icd_lite.bench world | inversion | editing``
 * ``cli``         - ``python -m icd_lite edit | invert | generate``
 * ``figures``     - the helper that saves every figure with its numbers
+* ``experiments`` - the lab bench around the method (read it last): the paper's numbers, claims
+                    and verdicts, the world's quality, the inversion experiments, ToyBench and
+                    the editing experiments
 
 Quick start (the toy world, on a GPU when there is one)::
 

@@ -38,95 +38,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from . import editing_evaluation, evaluation, metrics, toybench
+from . import metrics
 from .components import load_components
 from .device import add_device_arguments, configure_threads, resolve_device
+from .experiments import editing_evaluation, evaluation, toybench
+from .experiments.world_quality import measure_world
 from .pipeline import load_pipelines
-from .guidance import classical_to_code, constant_guidance, guided_model
-from .solver import sample_ddim, sampling_timesteps
-from .world.checkpoints import read_manifest
-from .world.scenes import caption, make_dataset, random_scene, render
+from .world.scenes import make_dataset
 
 OUT_DIR = Path("build/bench")
-
-
-def single_object_scenes(n: int, seed: int):
-    """n random single-object scenes with their captions and rendered images (on the CPU)."""
-    rng = np.random.default_rng(seed)
-    scenes = [random_scene(rng, p_two_objects=0.0) for _ in range(n)]
-    images = torch.from_numpy(np.stack([render(s)[0] for s in scenes]))
-    return scenes, [caption(s) for s in scenes], images
-
-
-@torch.no_grad()
-def teacher_samples(components, prompts: list[str], w_classical: float, steps: int, seed: int,
-                    batch: int = 250) -> torch.Tensor:
-    """Images from the teacher: DDIM with constant CFG, fixed seed (the noise is drawn on the
-    CPU and moved to the teacher's device)."""
-    generator = torch.Generator().manual_seed(seed)
-    guidance = constant_guidance(classical_to_code(w_classical))
-    images = []
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start:start + batch]
-        cond = components.encode_prompt(chunk)
-        null = components.encode_prompt([""] * len(chunk))
-        config = components.unet.config
-        shape = (len(chunk), config.in_channels, config.sample_size, config.sample_size)
-        noise = torch.randn(shape, generator=generator).to(components.device)
-        model = guided_model(components.eps_model(), null, guidance)
-        latents = sample_ddim(model, noise, sampling_timesteps(steps), extra_args={"cond": cond},
-                              disable=True)
-        images.append(components.decode_latents(latents))
-    return torch.cat(images)
-
-
-def bench_world(n: int = 500, w_classical: float = 8.0, steps: int = 50,
-                device: str | torch.device = "cpu") -> dict:
-    components = load_components("toy", device=device)
-    device = components.device
-    perception = metrics.ToyPerception(components.clip, components.tokenizer)
-    results = {"n": n}
-
-    real, _, _ = make_dataset(n, seed=1)
-    real = real.to(device)
-    with torch.no_grad():
-        reconstruction = components.decode_latents(components.encode_images(real))
-    psnr = metrics.psnr(reconstruction, real)
-    results["vae_psnr_db"] = {"mean": psnr.mean().item(), "p05": psnr.quantile(0.05).item()}
-
-    scenes, prompts, real_single = single_object_scenes(n, seed=2)
-    real_single = real_single.to(device)
-    results["clip_accuracy_on_real_images"] = perception.attribute_accuracy(real_single, scenes)
-    with torch.no_grad():  # every generated image leaves through the decoder: the metric's ceiling
-        decoded = components.decode_latents(components.encode_images(real_single))
-    results["clip_accuracy_on_decoded_images"] = perception.attribute_accuracy(decoded, scenes)
-
-    start = time.time()
-    generated = teacher_samples(components, prompts, w_classical, steps, seed=3)
-    results["teacher_seconds"] = time.time() - start
-    results["teacher_attribute_accuracy"] = perception.attribute_accuracy(generated, scenes)
-    results["teacher_clip_t"] = perception.clip_t(generated, prompts).mean().item()
-    results["real_clip_t"] = perception.clip_t(real_single, prompts).mean().item()
-
-    _, _, other_real = single_object_scenes(n, seed=4)
-    other_real = other_real.to(device)
-    features = {name: perception.image_embeddings(x) for name, x in
-                [("generated", generated), ("real", real_single), ("other_real", other_real)]}
-    results["fd_teacher_vs_real"] = metrics.frechet_distance(features["generated"],
-                                                             features["real"])
-    results["fd_real_vs_real_floor"] = metrics.frechet_distance(features["other_real"],
-                                                                features["real"])
-    manifest = read_manifest()
-    results["train_minutes"] = {name: manifest[f"{name}.safetensors"]["train_minutes"]
-                                for name in ("clip", "vae", "unet")}
-    results["settings"] = {"w_classical": w_classical, "ddim_steps": steps}
-    return results
 
 
 def print_world(results: dict) -> None:
@@ -280,7 +204,7 @@ def main(argv=None) -> None:
         raise SystemExit(2) from None
     torch.manual_seed(0)
     if args.suite == "world":
-        results = bench_world(args.n or 500, device=device)
+        results = measure_world(args.n or 500, device=device)
         print_world(results)
     elif args.suite == "inversion":
         timing = 3 if args.timing is None else args.timing

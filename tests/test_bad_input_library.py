@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from icd_lite import baselines, editing_evaluation, guidance, load_pipeline, losses, metrics
-from icd_lite import load_components, toybench
+from icd_lite import baselines, guidance, load_pipeline, losses, metrics
+from icd_lite import load_components
+from icd_lite.experiments import editing_evaluation, toybench
 from icd_lite.attention import PromptToPrompt
 from icd_lite.checks import ImageRangeWarning, check_finite
 from icd_lite.editing import P2PSettings, baseline_edit, icd_edit, prompt_switch_edit

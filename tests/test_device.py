@@ -43,8 +43,10 @@ import pytest
 import torch
 
 from devicecheck import ICD_DIR, DeviceLeakChecker, import_time_host_tensors, no_leaks
-from icd_lite import baselines, bench, cli, editing, editing_evaluation, evaluation, losses
-from icd_lite import load_components, load_pipeline, metrics, toy2d, toybench
+from icd_lite import baselines, bench, cli, editing, losses
+from icd_lite.experiments import editing_evaluation, evaluation, toybench
+from icd_lite.experiments.world_quality import measure_world
+from icd_lite import load_components, load_pipeline, metrics, toy2d
 from icd_lite.distill import RECIPES, LatentCaptions, distill, encode_dataset
 from icd_lite.students import student_from_teacher
 from icd_lite.world import checkpoints, train
@@ -303,7 +305,7 @@ def test_a_world_training_step_of_every_stage(scratch_training):
 # -- the benches and the command line -------------------------------------------------------------------
 def test_bench_world():
     with no_leaks():
-        results = bench.bench_world(n=4, steps=2, device=DEVICE)
+        results = measure_world(n=4, steps=2, device=DEVICE)
     assert results["n"] == 4
 
 

@@ -158,7 +158,7 @@ def test_npi_source_branch_reconstructs_better_than_ddim_p2p(components, image):
 
 
 def test_editors_on_toybench_count_cases_and_time_against_bare_network_cost(components, pipe):
-    from icd_lite import editing_evaluation, toybench
+    from icd_lite.experiments import editing_evaluation, toybench
     from icd_lite.metrics import ToyPerception
 
     perception = ToyPerception(components.clip, components.tokenizer)
@@ -182,7 +182,7 @@ def test_editors_on_toybench_count_cases_and_time_against_bare_network_cost(comp
 
 
 def test_guidance_trades_preservation_for_change_in_the_tradeoff(components, pipe):
-    from icd_lite import editing_evaluation, toybench
+    from icd_lite.experiments import editing_evaluation, toybench
     from icd_lite.metrics import ToyPerception
 
     perception = ToyPerception(components.clip, components.tokenizer)

@@ -1,7 +1,7 @@
 """The claims table of notebook 04 and the bench's table printer (pure functions of the numbers)."""
 
 from icd_lite.bench import format_table
-from icd_lite.evaluation import TABLE2_ROWS, inversion_claims
+from icd_lite.experiments.evaluation import TABLE2_ROWS, inversion_claims
 
 
 def table2_with(psnr: dict) -> list[dict]:

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from icd_lite.bench import single_object_scenes
+from icd_lite.experiments.world_quality import single_object_scenes
 from icd_lite.components import load_components
 from icd_lite.metrics import ToyPerception
 from icd_lite.world import checkpoints

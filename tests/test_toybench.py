@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 import torch
 
-from icd_lite import toybench
+from icd_lite.experiments import toybench
 from icd_lite.metrics import ToyPerception
 from icd_lite.world.loading import load_clip
 from icd_lite.world.scenes import (EDIT_TYPES, Scene, SceneObject, add_object, caption,
@@ -169,11 +169,11 @@ def test_corrupted_manifest_raises_a_clear_error(cases, tmp_path, corrupt, messa
     with pytest.raises(ValueError, match=message) as error:
         toybench.load_toybench(path)
     assert "color-001" in str(error.value)
-    assert "python -m icd_lite.toybench --write" in str(error.value)
+    assert "python -m icd_lite.experiments.toybench --write" in str(error.value)
 
 
 def test_missing_manifest_says_how_to_regenerate(tmp_path):
-    with pytest.raises(FileNotFoundError, match="python -m icd_lite.toybench --write"):
+    with pytest.raises(FileNotFoundError, match="python -m icd_lite.experiments.toybench --write"):
         toybench.load_toybench(tmp_path / "absent.json")
 
 

@@ -3,7 +3,7 @@ r"""ToyBench: a PIE-Bench-style editing benchmark made from the toy world, with 
 An ``EditCase`` is a source scene, its target after one edit of ``scenes.EDIT_TYPES``, their
 captions as prompts, the words Prompt-to-Prompt needs and, unlike PIE-Bench, the exact target
 image and edit mask. ``world/toybench.json`` holds the 300 default cases with the sha256 of every
-rendered image and mask: ``python -m icd_lite.toybench --write`` regenerates it, and without
+rendered image and mask: ``python -m icd_lite.experiments.toybench --write`` regenerates it, and without
 ``--write`` the command checks it and prints its counts. ``evaluate`` mirrors PIE-Bench's metrics:
 
 * structure distance (self-similarity of DINO ViT tokens) -> ``structure_distance``, the same
@@ -31,16 +31,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import metrics
-from .checks import ImageRangeWarning
-from .world.scenes import (BACKGROUND_COLORS, EDIT_TYPES, OBJECT_COLORS, PATTERNS, SHAPES, SIZES,
+from .. import metrics
+from ..checks import ImageRangeWarning
+from ..world.scenes import (BACKGROUND_COLORS, EDIT_TYPES, OBJECT_COLORS, PATTERNS, SHAPES, SIZES,
                            Scene, SceneObject, add_object, caption, change_background,
                            change_color, change_shape, change_size, edit_mask, random_edit,
                            random_scene, render)
 
-DEFAULT_PATH = Path(__file__).parent / "world" / "toybench.json"
+DEFAULT_PATH = Path(__file__).parent.parent / "world" / "toybench.json"
 SEED, PER_TYPE = 0, 50
-REGENERATE = "regenerate it with `python -m icd_lite.toybench --write`"
+REGENERATE = "regenerate it with `python -m icd_lite.experiments.toybench --write`"
 METRICS = ("structure", "bg_psnr", "bg_lpips", "bg_mse", "bg_ssim", "clip_t", "clip_t_edited",
            "dino_like", "psnr_target", "attribute_ok")
 
@@ -185,7 +185,7 @@ def _entry(case: EditCase) -> dict:
 def write_manifest(cases: list[EditCase], path, *, seed: int | None, per_type: int | None) -> None:
     """Write the cases, one JSON line each (readable diffs); seed / per_type record the
     make_cases call that made them (None for hand-picked cases)."""
-    header = json.dumps({"command": "python -m icd_lite.toybench --write", "seed": seed,
+    header = json.dumps({"command": "python -m icd_lite.experiments.toybench --write", "seed": seed,
                          "per_type": per_type})[:-1]  # without its closing brace
     lines = ",\n".join(json.dumps(_entry(case)) for case in cases)
     Path(path).write_text(f'{header}, "cases": [\n{lines}\n]}}\n')

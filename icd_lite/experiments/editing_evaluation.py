@@ -20,10 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import toybench
-from .editing import P2PSettings, baseline_edit, icd_edit, prompt_switch_edit
-from .checks import check_finite
-from .metrics import ToyPerception
-from .pipeline import TAU_FIX, W_FIX, ICDPipeline
+from ..editing import P2PSettings, baseline_edit, icd_edit, prompt_switch_edit
+from ..checks import check_finite
+from ..metrics import ToyPerception
+from ..pipeline import TAU_FIX, W_FIX, ICDPipeline
 
 # The authors' benchmark scripts use w = 20 (w_code 19), tau 0.8 (method.md section 5). The toy
 # students edit best near w = 4: on 48 ToyBench cases CLIP-T 0.732 / 0.721 / 0.706 at w = 4 / 8 /

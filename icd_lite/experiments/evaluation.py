@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import baselines, metrics
-from .pipeline import ICDPipeline
+from .. import baselines, metrics
+from ..pipeline import ICDPipeline
 
 W_GUIDED, TAU = 8.0, 0.8  # the paper's w = 8 and its dynamic CFG tau (Table 2)
 

@@ -1,0 +1,81 @@
+"""A claim of the paper, the rule that tests it on the toy world, and the verdict the rule gives.
+
+Every notebook ends with a table of the claims it touched. A row is made by ``check``: the claim
+in words, where the paper makes it, the paper's numbers, the toy's measured numbers, the rule in
+words and as a function of the toy's numbers. The verdict is computed, never typed:
+
+* ``agrees``        - the rule holds on the toy's numbers;
+* ``disagrees``     - it does not;
+* ``not measured``  - a number the rule needs was not measured in this run (NaN or None).
+
+``claims_table`` renders rows as a pandas DataFrame (for the notebook) and ``save_claims`` writes
+them as ``<name>.csv`` next to the figures, where ``docs/results.md`` is generated from.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Callable, Mapping
+
+from ..figures import figures_dir
+
+GROUPS = ("theory", "generation", "inversion", "editing")
+COLUMNS = ("group", "source", "claim", "paper", "toy", "rule", "verdict")
+
+
+def _number(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:.4g}"
+
+
+def describe(values: Mapping[str, object]) -> str:
+    """``{"G": 21.5, "DDIM50": 23.8}`` -> ``"G 21.5; DDIM50 23.8"`` (4 significant digits)."""
+    return "; ".join(f"{name} {_number(value)}" for name, value in values.items())
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def check(group: str, source: str, claim: str, paper: Mapping[str, object] | str,
+          toy: Mapping[str, object], rule: str, holds: Callable[[Mapping], bool]) -> dict:
+    """One claim row. ``holds(toy)`` is the rule as code (it sees the ``toy`` dict).
+
+    Raises ValueError for an unknown ``group`` (one of ``GROUPS``)."""
+    if group not in GROUPS:
+        raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
+    if any(_missing(v) for v in toy.values()):
+        verdict = "not measured"
+    else:
+        verdict = "agrees" if holds(toy) else "disagrees"
+    paper_text = paper if isinstance(paper, str) else describe(paper)
+    return {"group": group, "source": source, "claim": claim, "paper": paper_text,
+            "toy": describe(toy), "rule": rule, "verdict": verdict}
+
+
+def claims_table(rows: list[dict]):
+    """The rows as a pandas DataFrame with the columns of ``COLUMNS`` (pandas: ``[notebooks]``)."""
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def save_claims(rows: list[dict], name: str, directory: str | Path | None = None) -> Path:
+    """Write the rows to ``<name>.csv`` in the figures folder (``figures.figures_dir()``)."""
+    out = Path(directory) if directory is not None else figures_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.csv"
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def verdict_counts(rows: list[dict]) -> dict[str, int]:
+    """How many rows agree, disagree, or were not measured."""
+    return {v: sum(row["verdict"] == v for row in rows)
+            for v in ("agrees", "disagrees", "not measured")}
