@@ -57,6 +57,15 @@ def _keep_boundary(target: torch.Tensor, x_prev: torch.Tensor, t_prev, s) -> tor
     return torch.where(at_boundary, x_prev, target)
 
 
+def _guided_teacher_eps(teacher, x_t, t, cond, null_cond, w_code) -> torch.Tensor:
+    """eps_w of the teacher: real CFG (two passes: cond and null), or, for a CFG-distilled
+    teacher that reads w itself (``teacher.embeds_guidance`` true: the authors' SD1.5 teacher,
+    ``icd_lite.sd15.train``), one pass ``teacher(x, t, cond, w_code)``."""
+    if getattr(teacher, "embeds_guidance", False):
+        return teacher(x_t, t, cond, w_code)
+    return cfg(teacher(x_t, t, cond), teacher(x_t, t, null_cond), w_code)
+
+
 def reverse_cd_loss(student, teacher, x0, eps, cond, null_cond, boundaries: Boundaries,
                     w_code_choices=(0.0, 7.0, 11.0, 15.0, 19.0), generator=None,
                     schedule: NoiseSchedule = SD15_SCHEDULE, huber_c: float = 1e-3,
@@ -73,8 +82,8 @@ def reverse_cd_loss(student, teacher, x0, eps, cond, null_cond, boundaries: Boun
     x_t = schedule.add_noise(x0, eps, t)
     prediction = consistency_fn(student, x_t, t, s, cond, w_code, schedule)
     with torch.no_grad():
-        eps_teacher = cfg(teacher(x_t, t, cond), teacher(x_t, t, null_cond), w_code)
-        x_prev = ddim_jump(x_t, eps_teacher, t, t_prev, schedule)
+        x_prev = ddim_jump(x_t, _guided_teacher_eps(teacher, x_t, t, cond, null_cond, w_code),
+                           t, t_prev, schedule)
         # Where t' == s the target is x_t' itself (masked below): never query the student
         # there, which would be at t' = 0 on the first grid step.
         t_query = torch.where(t_prev == s, t, t_prev)

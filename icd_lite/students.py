@@ -69,11 +69,17 @@ def student_from_teacher(teacher: UNet2DConditionModel, embedding_dim: int | Non
     return UNetStudent(unet.to(teacher.device))
 
 
-def add_lora(student: UNetStudent, rank: int = 64, targets=SD15_LORA_TARGETS) -> UNetStudent:
+def add_lora(student: UNetStudent, rank: int = 64, targets=SD15_LORA_TARGETS,
+             lora_alpha: int | None = None, train_guidance: bool = True,
+             init_lora_weights="gaussian") -> UNetStudent:
     """Freeze the student's UNet and train only LoRA adapters (peft) and the guidance projection.
 
     Targets that the UNet does not have (a tiny UNet has no ``conv_shortcut`` in every block) are
-    simply not matched by peft; at least one must match.
+    simply not matched by peft; at least one must match. ``lora_alpha`` defaults to ``rank``
+    (scale 1, the toy world); the SD1.5 release used peft's default 8 with rank 64 (scale
+    0.125) and peft's default init (``init_lora_weights=True``). ``train_guidance=False`` keeps
+    ``time_embedding.cond_proj`` frozen (a student of a CFG-distilled teacher keeps its
+    projection, as the release did).
     """
     from peft import LoraConfig
 
@@ -83,9 +89,9 @@ def add_lora(student: UNetStudent, rank: int = 64, targets=SD15_LORA_TARGETS) ->
     present = [t for t in targets if any(name == t or name.endswith("." + t) for name in names)]
     if not present:
         raise ValueError(f"none of the LoRA targets {targets} exist in this UNet")
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=present))
-    unet.time_embedding.cond_proj.requires_grad_(True)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank if lora_alpha is None else lora_alpha,
+                                init_lora_weights=init_lora_weights, target_modules=present))
+    unet.time_embedding.cond_proj.requires_grad_(train_guidance)
     return student
 
 
