@@ -1,7 +1,7 @@
 # icd-lite: two commands do everything.
 #   make figures   run every notebook with papermill (toy preset), figures -> figures/, executed
 #                  copies -> build/; DEVICE=cuda runs them on a GPU
-#   make test      the test suite, including every notebook run with pytest --nbval-lax
+#   make test      the test suite, then every notebook with params/ci.yaml under pytest --nbval-lax
 # Both create the virtual environment .venv/ first when it is missing.
 
 PYTHON     ?= python3
@@ -36,18 +36,23 @@ $(STAMP): pyproject.toml requirements/lock.txt
 # The only target that writes the committed figures/: a notebook run any other way writes to a
 # scratch folder (icd_lite/figures.py).
 figures: $(STAMP)
-	@mkdir -p build figures
+	@mkdir -p build/params figures
 	$(if $(PARAMS),@$(PY) -m icd_lite.notebook_params check $(PARAMS) $(NOTEBOOKS))
 	@for nb in $(NOTEBOOKS); do \
-	  echo "== $$nb"; start=$$(date +%s); \
+	  echo "== $$nb"; start=$$(date +%s); name=$$(basename $$nb .ipynb); \
+	  $(if $(PARAMS),$(PY) -m icd_lite.notebook_params section $(PARAMS) $$nb > build/params/$$name.yaml || exit 1;) \
 	  ICD_LITE_FIGURES=$(CURDIR)/figures $(PY) -m papermill --kernel python3 --cwd notebooks \
-	    --log-level WARNING $(if $(PARAMS),-f $(PARAMS)) -p device $(DEVICE) \
-	    $$nb build/$$(basename $$nb) || exit 1; \
+	    --log-level WARNING $(if $(PARAMS),-f build/params/$$name.yaml) -p device $(DEVICE) \
+	    $$nb build/$$name.ipynb || exit 1; \
 	  echo "   $$(( $$(date +%s) - start )) s"; \
 	done
 
+# The unit tests, then every notebook under nbval with the small parameters of params/ci.yaml
+# (papermill injects them into copies in build/ci-notebooks; the figures go to build/).
 test: $(STAMP)
-	ICD_LITE_FIGURES=$(CURDIR)/build/test-figures $(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider
+	$(PY) -m icd_lite.notebook_params prepare params/ci.yaml build/ci-notebooks > /dev/null
+	ICD_LITE_FIGURES=$(CURDIR)/build/test-figures $(PY) -m pytest tests build/ci-notebooks \
+	  --nbval-lax -p no:cacheprovider
 
 # Every notebook with device=cuda and small parameters, the three benches and the CLI, timed:
 # for a CUDA machine.

@@ -7,6 +7,20 @@ ignored. ``make figures PARAMS=file.yaml`` therefore checks the file first::
 
     python -m icd_lite.notebook_params check params.yaml [notebook.ipynb ...]
     python -m icd_lite.notebook_params list [notebook.ipynb ...]
+    python -m icd_lite.notebook_params section params.yaml notebook.ipynb   # its YAML, to stdout
+    python -m icd_lite.notebook_params prepare params.yaml OUT_DIR          # for make test
+
+A parameters file is a YAML mapping. A top-level key is a parameter for every notebook that
+declares it; a key named after a notebook (``04_inversion:``) holds a mapping of parameters for
+that notebook only, so that two notebooks may give the same name different values::
+
+    device: cpu
+    04_inversion:
+      n_images: 16
+
+``prepare`` writes every notebook with its parameters injected (papermill's ``prepare_only``)
+without running it: ``make test`` runs those copies under nbval with ``params/ci.yaml``, the
+small parameters that keep CI fast, while ``make figures`` runs the notebooks' own defaults.
 
 Without notebooks, both read ``notebooks/[0-9][0-9]_*.ipynb`` of the source checkout.
 """
@@ -63,9 +77,47 @@ def known_parameters(notebooks=None) -> dict[str, list[str]]:
 
 
 def unknown_keys(params: dict, notebooks=None) -> tuple[list[str], list[str]]:
-    """(keys of ``params`` that no notebook declares, every known name)."""
+    """(keys of ``params`` that no notebook declares, every known name). A notebook's section
+    (``04_inversion: {...}``) must name a notebook, and its keys must be declared by it."""
+    notebooks = list(notebooks or default_notebooks())
     known = known_parameters(notebooks)
-    return [key for key in params if key not in known], list(known)
+    stems = {Path(nb).stem: nb for nb in notebooks}
+    unknown = []
+    for key, value in params.items():
+        if key in stems and isinstance(value, dict):
+            declared = declared_parameters(stems[key])
+            unknown += [f"{key}.{name}" for name in value if name not in declared]
+        elif key not in known:
+            unknown.append(key)
+    return unknown, list(known)
+
+
+def params_for(params: dict, notebook: str | Path) -> dict:
+    """The parameters one notebook receives: the top-level keys it declares, then its section."""
+    declared = declared_parameters(notebook)
+    chosen = {key: value for key, value in params.items()
+              if key in declared and not isinstance(value, dict)}
+    return chosen | params.get(Path(notebook).stem, {})
+
+
+def prepare(path: str | Path, out_dir: str | Path, notebooks=None) -> list[Path]:
+    """Write each notebook to ``out_dir`` with its parameters of ``path`` injected, unexecuted."""
+    import papermill
+
+    message = check(path, notebooks)
+    if message:
+        raise ValueError(message)
+    params = read_params_file(path)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for notebook in notebooks or default_notebooks():
+        target = out_dir / Path(notebook).name
+        papermill.execute_notebook(str(notebook), str(target), parameters=params_for(params, notebook),
+                                   prepare_only=True, kernel_name="python3", log_output=False,
+                                   progress_bar=False)
+        written.append(target)
+    return written
 
 
 def read_params_file(path: str | Path) -> dict:
@@ -102,14 +154,29 @@ def main(argv=None) -> int:
     check_parser.add_argument("notebooks", nargs="*", help="default: notebooks/[0-9][0-9]_*")
     list_parser = sub.add_parser("list", help="print every parameter and who declares it")
     list_parser.add_argument("notebooks", nargs="*", help="default: notebooks/[0-9][0-9]_*")
+    section_parser = sub.add_parser("section", help="print the YAML one notebook receives")
+    section_parser.add_argument("params", help="YAML file of papermill parameters")
+    section_parser.add_argument("notebook")
+    prepare_parser = sub.add_parser("prepare", help="write the notebooks with their parameters "
+                                                    "injected, unexecuted (for nbval)")
+    prepare_parser.add_argument("params", help="YAML file of papermill parameters")
+    prepare_parser.add_argument("out_dir")
+    prepare_parser.add_argument("notebooks", nargs="*", help="default: notebooks/[0-9][0-9]_*")
     args = parser.parse_args(argv)
-    notebooks = args.notebooks or None
+    notebooks = getattr(args, "notebooks", None) or None
     if args.command == "list":
         for name, where in known_parameters(notebooks).items():
             print(f"{name:20s} {', '.join(where)}")
         return 0
     try:
-        message = check(args.params, notebooks)
+        message = check(args.params, notebooks if args.command != "section" else None)
+        if not message and args.command == "section":
+            import yaml
+
+            print(yaml.safe_dump(params_for(read_params_file(args.params), args.notebook)), end="")
+        elif not message and args.command == "prepare":
+            for target in prepare(args.params, args.out_dir, notebooks):
+                print(target)
     except (OSError, ValueError) as error:  # no such file, not a mapping, bad notebook
         message = str(error)
     if message:

@@ -115,7 +115,8 @@ def test_make_figures_passes_device_params_and_the_figures_folder(tmp_path):
     params = write_yaml(tmp_path, "n_eval: 20\n")
     out = make("-n", "figures", "DEVICE=cuda", f"PARAMS={params}").stdout
     assert f"icd_lite.notebook_params check {params}" in out
-    assert f"-f {params} -p device cuda" in out
+    assert f"icd_lite.notebook_params section {params}" in out
+    assert "-f build/params/$name.yaml -p device cuda" in out
     assert f"ICD_LITE_FIGURES={ROOT}/figures" in out
     assert "-p device auto" in make("-n", "figures").stdout  # the default
 
@@ -147,3 +148,35 @@ def test_papermill_reads_every_parameter(notebook):
     cell = {"source": notebook_params.parameters_cell(notebook)}
     names = [parameter.name for parameter in PythonTranslator.inspect(cell)]
     assert names == notebook_params.declared_parameters(notebook)
+
+
+def test_a_notebooks_section_reaches_only_that_notebook(tmp_path):
+    first, second = NOTEBOOKS[0], NOTEBOOKS[-1]
+    shared = notebook_params.declared_parameters(first)[0]
+    own = notebook_params.declared_parameters(second)[-1]
+    params = {shared: "x", second.stem: {own: 3}}
+    assert notebook_params.params_for(params, second)[own] == 3
+    assert notebook_params.params_for(params, first).get(own) != 3  # a section is private
+    assert notebook_params.params_for(params, first)[shared] == "x"  # a top-level key is shared
+
+
+def test_check_refuses_a_section_key_its_notebook_does_not_declare(tmp_path, capsys):
+    nb = NOTEBOOKS[0]
+    params = write_yaml(tmp_path, f"{nb.stem}:\n  no_such_name: 1\n")
+    assert notebook_params.main(["check", str(params)]) == 2
+    assert f"'{nb.stem}.no_such_name'" in capsys.readouterr().err
+
+
+def test_prepare_injects_each_notebooks_parameters_without_running(tmp_path):
+    nb = NOTEBOOKS[-1]
+    name = notebook_params.declared_parameters(nb)[-1]
+    params = write_yaml(tmp_path, f"{nb.stem}:\n  {name}: 12345\n")
+    (target,) = notebook_params.prepare(params, tmp_path / "out", [nb])
+    cells = json.loads(target.read_text())["cells"]
+    injected = [c for c in cells if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert len(injected) == 1 and f"{name} = 12345" in "".join(injected[0]["source"])
+    assert all(not c.get("outputs") for c in cells if c["cell_type"] == "code")
+
+
+def test_ci_parameters_file_is_valid():
+    assert notebook_params.check(ROOT / "params" / "ci.yaml") is None
