@@ -20,7 +20,7 @@ STAMP     := $(VENV)/.icd-lite-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv figures test gpu-check train train-world train-students lock clean
+.PHONY: venv figures report test gpu-check train train-world train-students lock clean
 
 venv: $(STAMP)
 
@@ -46,6 +46,10 @@ figures: $(STAMP)
 	    $$nb build/$$name.ipynb || exit 1; \
 	  echo "   $$(( $$(date +%s) - start )) s"; \
 	done
+
+# docs/results.md from the CSVs in figures/ (run after make figures; a test keeps it in step).
+report: $(STAMP)
+	$(PY) -m icd_lite.experiments.report
 
 # The unit tests, then every notebook under nbval with the small parameters of params/ci.yaml
 # (papermill injects them into copies in build/ci-notebooks; the figures go to build/).

@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 from ..figures import figures_dir
 
 GROUPS = ("theory", "generation", "inversion", "editing")
-COLUMNS = ("group", "source", "claim", "paper", "toy", "rule", "verdict")
+COLUMNS = ("group", "source", "claim", "paper", "toy", "rule", "verdict", "figure", "why")
 
 
 def _number(value) -> str:
@@ -41,10 +41,13 @@ def _missing(value) -> bool:
 
 
 def check(group: str, source: str, claim: str, paper: Mapping[str, object] | str,
-          toy: Mapping[str, object], rule: str, holds: Callable[[Mapping], bool]) -> dict:
+          toy: Mapping[str, object], rule: str, holds: Callable[[Mapping], bool],
+          figure: str = "", why: str = "") -> dict:
     """One claim row. ``holds(toy)`` is the rule as code (it sees the ``toy`` dict).
 
-    Raises ValueError for an unknown ``group`` (one of ``GROUPS``)."""
+    ``figure`` names the figure file that shows it (e.g. ``"04_table2"``); ``why`` is the
+    experiment that explains a disagreement, if one does (the report says "unexplained"
+    otherwise). Raises ValueError for an unknown ``group`` (one of ``GROUPS``)."""
     if group not in GROUPS:
         raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
     if any(_missing(v) for v in toy.values()):
@@ -53,7 +56,7 @@ def check(group: str, source: str, claim: str, paper: Mapping[str, object] | str
         verdict = "agrees" if holds(toy) else "disagrees"
     paper_text = paper if isinstance(paper, str) else describe(paper)
     return {"group": group, "source": source, "claim": claim, "paper": paper_text,
-            "toy": describe(toy), "rule": rule, "verdict": verdict}
+            "toy": describe(toy), "rule": rule, "verdict": verdict, "figure": figure, "why": why}
 
 
 def claims_table(rows: list[dict]):
