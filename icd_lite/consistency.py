@@ -8,13 +8,27 @@ segments and lets each model map to the boundary of the segment x_t lies in:
 * forward model fCD_m (theta-, encoder): s = the segment's upper boundary (towards noise).
 
 Parameterization (paper eq. 3, no c_skip / c_out): the network predicts eps_hat and the model's
-output is one DDIM jump to the boundary::
+output is one DDIM jump to the boundary (``solver.ddim_jump``):
 
-    f_theta(x_t, t, s) = alpha_s * (x_t - sigma_t eps_theta(x_t, t, s, c, w)) / alpha_t
-                         + sigma_s * eps_theta(x_t, t, s, c, w)
+.. math::
+
+    f_\theta(x_t, t, s) = \alpha_s \frac{x_t - \sigma_t \hat\epsilon}{\alpha_t}
+                          + \sigma_s \hat\epsilon,
+    \qquad \hat\epsilon = \epsilon_\theta(x_t, t, s, c, w)
+
+The fraction is the clean point the student predicts, :math:`\hat x_0 = (x_t - \sigma_t
+\hat\epsilon) / \alpha_t`; at s = 0 (alpha_0 = 1, sigma_0 = 0) the model returns it unchanged,
+which is why the last decoding jump is an x0 prediction. ``sample_consistency`` hands x0_hat and
+eps_hat of every jump to its callback, as k-diffusion's samplers hand out ``denoised``.
 
 A *student* here is any callable ``student(x, t, s, cond, w_code) -> eps_hat`` (t, s: long
 [B]; w_code: float [B], classical w - 1). m boundaries give m-step decoding and m-step encoding.
+
+Two discretisations of inversion meet here. fCD_m is distilled from the teacher's inverse step
+t -> t + 20 with eps evaluated at the *current* time t (``losses.forward_cd_loss``, the authors'
+``forward_train_step``), whereas the DDIM50 inversion baseline ``solver.invert_ddim`` evaluates
+eps at the *target* time (diffusers' ``DDIMInverseScheduler``). Both are first-order
+approximations of the same ODE; they differ by O(step) per step.
 """
 
 from __future__ import annotations
@@ -26,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .guidance import GuidanceSchedule, constant_guidance
 from .schedule import SD15_SCHEDULE, Boundaries, NoiseSchedule
-from .solver import ddim_jump
+from .solver import ddim_jump, eps_to_x0
 
 Student = Callable[..., torch.Tensor]
 
@@ -39,12 +53,22 @@ def as_batch(values, x: torch.Tensor, dtype=torch.long) -> torch.Tensor:
     return values.to(dtype)
 
 
+def student_eps(student: Student, x_t: torch.Tensor, t, s, cond, w_code=0.0) -> torch.Tensor:
+    """eps_hat = eps_theta(x_t, t, s, c, w_code): the student's noise, shaped like x_t."""
+    t, s = as_batch(t, x_t), as_batch(s, x_t)                             # long [B] each
+    return student(x_t, t, s, cond, as_batch(w_code, x_t, torch.float32))  # [B, C, H, W]
+
+
 def consistency_fn(student: Student, x_t: torch.Tensor, t, s, cond, w_code=0.0,
                    schedule: NoiseSchedule = SD15_SCHEDULE) -> torch.Tensor:
-    """f_theta(x_t, t, s): the student's eps_hat followed by one DDIM jump from t to s."""
-    t, s = as_batch(t, x_t), as_batch(s, x_t)
-    eps_hat = student(x_t, t, s, cond, as_batch(w_code, x_t, torch.float32))
-    return ddim_jump(x_t, eps_hat, t, s, schedule)
+    r"""f_theta(x_t, t, s): the student's eps_hat followed by one DDIM jump from t to s (eq. 3).
+
+    .. math::
+        f_\theta(x_t,t,s)=\alpha_s\frac{x_t-\sigma_t\hat\epsilon}{\alpha_t}+\sigma_s\hat\epsilon
+    """
+    t, s = as_batch(t, x_t), as_batch(s, x_t)                 # long [B] each
+    eps_hat = student_eps(student, x_t, t, s, cond, w_code)  # [B, C, H, W]
+    return ddim_jump(x_t, eps_hat, t, s, schedule)            # [B, C, H, W], the point at time s
 
 
 @torch.no_grad()
@@ -52,15 +76,24 @@ def sample_consistency(student: Student, x: torch.Tensor, steps: Sequence[tuple[
                        cond, guidance: GuidanceSchedule | None = None,
                        schedule: NoiseSchedule = SD15_SCHEDULE, callback=None,
                        disable=None) -> torch.Tensor:
-    """Run a consistency model over (t, s) jumps; w_code(t) comes from ``guidance``.
+    r"""Run a consistency model over (t, s) jumps; w_code(t) comes from ``guidance``.
 
-    One network evaluation per jump. ``callback`` receives ``{'x', 'i', 't', 's'}`` after each.
+    One network evaluation per jump. After each jump ``callback`` receives
+    ``{'x', 'i', 't', 's', 'x0_hat', 'eps_hat'}``: ``x`` the new point x_s, ``eps_hat`` the
+    student's prediction at (x_t, t, s) and ``x0_hat`` = (x_t - sigma_t eps_hat) / alpha_t, the
+    clean image the jump aimed through (k-diffusion's ``denoised``). With s = 0 the new x *is*
+    x0_hat. Decoding's x0_hat sequence shows the image sharpening jump by jump; encoding's shows
+    what the encoder still "sees" in the noise.
     """
     guidance = guidance or constant_guidance(0.0)
     for i, (t, s) in enumerate(tqdm(list(steps), disable=disable, desc="consistency")):
-        x = consistency_fn(student, x, t, s, cond, guidance(t), schedule)
+        t_b, s_b = as_batch(t, x), as_batch(s, x)                       # long [B] each
+        eps_hat = student_eps(student, x, t_b, s_b, cond, guidance(t))  # [B, C, H, W]
+        x_next = ddim_jump(x, eps_hat, t_b, s_b, schedule)              # [B, C, H, W] at time s
         if callback is not None:
-            callback({"x": x, "i": i, "t": t, "s": s})
+            x0_hat = eps_to_x0(x, eps_hat, t_b, schedule)               # [B, C, H, W]
+            callback({"x": x_next, "i": i, "t": t, "s": s, "x0_hat": x0_hat, "eps_hat": eps_hat})
+        x = x_next
     return x
 
 

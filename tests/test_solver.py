@@ -150,3 +150,47 @@ def test_sample_ddim_extra_args_and_disable(capsys):
     # eps = 0 makes the single jump a pure rescaling by alpha_0 / alpha_999
     torch.testing.assert_close(out, start_point() / SD15_SCHEDULE.alpha(999).float())
     assert "DDIM" not in capsys.readouterr().err
+
+
+class DummyStudent:
+    """A consistency student ``(x, t, s, cond, w_code) -> eps_hat`` built on DummyEps."""
+
+    def __init__(self):
+        self.eps = DummyEps()
+
+    def __call__(self, x, t, s, cond, w_code):
+        assert t.shape == s.shape == w_code.shape == (x.shape[0],)
+        s, w_code = (v.to(x.dtype).reshape(-1, 1, 1, 1) for v in (s, w_code))
+        return self.eps(x, t) * (1 + s / 2000) + 0.01 * w_code
+
+
+@pytest.mark.parametrize("steps", [[(999, 779), (779, 519), (519, 259), (259, 0)],
+                                   [(19, 259), (259, 519), (519, 999)]])
+def test_sample_consistency_callback_hands_out_x0_hat_and_eps_hat(steps):
+    from icd_lite.consistency import consistency_fn, sample_consistency
+    from icd_lite.guidance import constant_guidance
+
+    student, x_start, seen = DummyStudent(), start_point(), []
+    out = sample_consistency(student, x_start, steps, None, constant_guidance(7.0),
+                             callback=seen.append, disable=True)
+    assert [info["i"] for info in seen] == list(range(len(steps)))
+    assert all(set(info) == {"x", "i", "t", "s", "x0_hat", "eps_hat"} for info in seen)
+
+    x_t = x_start
+    for info, (t, s) in zip(seen, steps):
+        assert (info["t"], info["s"]) == (t, s)
+        # eps_hat is the student's own prediction at (x_t, t, s) ...
+        w = torch.full((SHAPE[0],), 7.0)
+        expected_eps = student(x_t, torch.full((SHAPE[0],), t), torch.full((SHAPE[0],), s), None, w)
+        torch.testing.assert_close(info["eps_hat"], expected_eps)
+        # ... x0_hat = (x_t - sigma_t eps_hat) / alpha_t, the clean point the jump aims through
+        alpha, sigma = SD15_SCHEDULE.alpha(t).float(), SD15_SCHEDULE.sigma(t).float()
+        torch.testing.assert_close(info["x0_hat"], (x_t - sigma * info["eps_hat"]) / alpha)
+        # ... and x the jump's landing point, exactly f_theta(x_t, t, s) (numerics unchanged)
+        assert torch.equal(info["x"], consistency_fn(student, x_t, t, s, None, 7.0))
+        x_t = info["x"]
+    assert torch.equal(out, seen[-1]["x"])
+    if steps[-1][1] == 0:  # at s = 0 (alpha_0 = 1, sigma_0 = 0) the last jump returns x0_hat
+        torch.testing.assert_close(out, seen[-1]["x0_hat"])
+    else:
+        assert (out - seen[-1]["x0_hat"]).abs().max() > 0.1
