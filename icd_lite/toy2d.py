@@ -121,12 +121,20 @@ class GaussianMixture2D:
         return self.eps(x, t, labels)
 
 
-def default_world(device="cpu") -> GaussianMixture2D:
-    """Eight tight modes on a circle of radius 2 plus one in the middle; neighbours belong to
-    different classes (3 classes), so guidance has something to push away from."""
-    angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
-    means = torch.cat([2.0 * torch.stack([angles.cos(), angles.sin()], 1),
-                       torch.zeros(1, 2, dtype=torch.float64)])
+def default_world(device="cpu", radius: float = 2.0) -> GaussianMixture2D:
+    """Eight tight modes (std 0.25) on a circle of ``radius`` (2 by default) plus one in the
+    middle; neighbours belong to different classes (3 classes), so guidance has something to
+    push away from.
+
+    ``radius`` sets how far apart the classes are compared with the noise: neighbouring modes lie
+    $2 r \sin(\pi / 8)$ apart, about 1.5 for r = 2. Notebook 01 widens it to see at which noise
+    level classifier-free guidance still moves points (the paper's Fig. 4a).
+    """
+    if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
+        raise ValueError(f"radius must be a finite number > 0, got {radius!r}")
+    angles = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)                # [8]
+    means = torch.cat([radius * torch.stack([angles.cos(), angles.sin()], 1),         # [8, 2]
+                       torch.zeros(1, 2, dtype=torch.float64)])                      # [9, 2]
     stds = torch.full((9,), 0.25, dtype=torch.float64)
     weights = torch.full((9,), 1 / 9, dtype=torch.float64)
     classes = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])

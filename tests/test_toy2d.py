@@ -126,3 +126,14 @@ def test_ddim_inversion_then_sampling_reconstructs():
     mse = torch.mean((reconstruction - x0) ** 2).item()
     assert mse < 1e-2
     assert torch.mean((latents - x0) ** 2).item() > 0.3  # the latents are not the data
+
+
+def test_default_world_radius_scales_the_ring_only():
+    # the default is the world every notebook and test uses; radius widens the ring of modes
+    base, wide = default_world(), default_world(radius=4.0)
+    torch.testing.assert_close(base.means[:8].norm(dim=1), torch.full((8,), 2.0, dtype=torch.float64))
+    torch.testing.assert_close(wide.means, 2.0 * base.means)
+    assert torch.equal(wide.stds, base.stds) and torch.equal(wide.classes, base.classes)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), "2"):
+        with pytest.raises(ValueError, match="radius"):
+            default_world(radius=bad)
