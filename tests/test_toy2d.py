@@ -131,7 +131,8 @@ def test_ddim_inversion_then_sampling_reconstructs():
 def test_default_world_radius_scales_the_ring_only():
     # the default is the world every notebook and test uses; radius widens the ring of modes
     base, wide = default_world(), default_world(radius=4.0)
-    torch.testing.assert_close(base.means[:8].norm(dim=1), torch.full((8,), 2.0, dtype=torch.float64))
+    ring = torch.full((8,), 2.0, dtype=torch.float64)
+    torch.testing.assert_close(base.means[:8].norm(dim=1), ring)
     torch.testing.assert_close(wide.means, 2.0 * base.means)
     assert torch.equal(wide.stds, base.stds) and torch.equal(wide.classes, base.classes)
     for bad in (0.0, -1.0, float("nan"), float("inf"), "2"):
