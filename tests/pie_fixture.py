@@ -88,13 +88,14 @@ class MeanColourFeatures(torch.nn.Module):
 
 def fake_squeezenet_features(name: str, pretrained: bool = False):
     """Stands in for torchvision's ``squeezenet1_1().features`` inside torchmetrics' LPIPS:
-    13 layers whose 7 slices give 64, 128, 256, 384, 384, 512, 512 channels, random weights."""
+    13 layers whose 7 slices give 64, 128, 256, 384, 384, 512, 512 channels (the widths of
+    torchmetrics' squeeze.pth heads), random weights, 16x downsampled so 512x512 stays fast."""
     from torch import nn
 
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 64, 3, stride=2, padding=1), nn.ReLU(),                # slice 1: 64
-        nn.MaxPool2d(2), nn.Conv2d(64, 128, 1), nn.ReLU(),                   # slice 2: 128
+        nn.Conv2d(3, 64, 4, stride=4), nn.ReLU(),                           # slice 1: 64
+        nn.MaxPool2d(4), nn.Conv2d(64, 128, 1), nn.ReLU(),                   # slice 2: 128
         nn.Identity(), nn.Conv2d(128, 256, 1), nn.ReLU(),                    # slice 3: 256
         nn.Conv2d(256, 384, 1), nn.ReLU(),                                   # slice 4: 384
         nn.Conv2d(384, 384, 1), nn.Conv2d(384, 512, 1), nn.Conv2d(512, 512, 1))  # 384, 512, 512
