@@ -123,7 +123,7 @@ def null_text_inversion(components: Components, z0: torch.Tensor, cond: torch.Te
         path = _inversion_path(model, z0, cond, steps)
     grid = sampling_timesteps(steps)
     x, nulls = path[-1], []
-    u = null.clone()
+    u = null.float().clone()  # optimised in float32 (Adam's updates vanish in float16)
     for i, (t, s) in enumerate(tqdm(list(zip(grid[:-1], grid[1:])), disable=disable,
                                     desc="null-text inversion")):
         target, t_batch = path[-2 - i], timestep_batch(t, x)
@@ -132,17 +132,17 @@ def null_text_inversion(components: Components, z0: torch.Tensor, cond: torch.Te
         u = u.detach().clone().requires_grad_(True)  # a new tensor: Adam updates it in place
         optimizer = torch.optim.Adam([u], lr=lr * (1 - i / 100))
         for _ in range(inner_steps):
-            eps = cfg(eps_cond, model(x, t_batch, u), w_code)
-            loss = torch.nn.functional.mse_loss(ddim_jump(x, eps, t, s), target)
+            eps = cfg(eps_cond, model(x, t_batch, u.to(null.dtype)), w_code)
+            loss = torch.nn.functional.mse_loss(ddim_jump(x, eps, t, s).float(), target.float())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             if loss.item() < early_stop:
                 break
         u = u.detach()
-        nulls.append(u)  # u_t; the next step optimises a clone of it
+        nulls.append(u.to(null.dtype))  # u_t; the next step optimises a clone of it
         with torch.no_grad():
-            x = ddim_jump(x, cfg(eps_cond, model(x, t_batch, u), w_code), t, s)
+            x = ddim_jump(x, cfg(eps_cond, model(x, t_batch, u.to(null.dtype)), w_code), t, s)
     return path[-1], nulls
 
 

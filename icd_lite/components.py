@@ -8,9 +8,11 @@ scheduler), plus helpers that speak the library's conventions (prompts -> embedd
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -45,6 +47,7 @@ class Components:
     scheduler: DDIMScheduler
     preset: str
     clip: torch.nn.Module | None = None  # the toy world's CLIP, used by the metrics
+    image_fit: str = "resize"  # SD1.5: how other image sizes reach the VAE's (fit_images)
 
     @property
     def image_size(self) -> int:
@@ -102,9 +105,36 @@ class Components:
             raise ValueError("images must lie in [-1, 1] (map uint8 pixels with x / 127.5 - 1)")
         check_image_values(images, zero_one="warn")
 
+    def fit_images(self, images: torch.Tensor) -> torch.Tensor:
+        """On SD1.5, images [B, 3, H, W] of another size than the VAE's S x S (512) are brought
+        to it with an ``ImageResizeWarning`` that says how: ``image_fit`` "resize" (the authors'
+        ``load_512``: plain bilinear resize, the aspect ratio changes when H != W) or "crop"
+        (centre-crop the largest square, then resize). The toy world refuses other sizes
+        (``check_images``); anything that is not a [B, 3, H, W] tensor is left to it."""
+        size = self.image_size
+        if (self.preset != "sd15" or not torch.is_tensor(images) or images.ndim != 4
+                or images.shape[1] != 3 or tuple(images.shape[-2:]) == (size, size)):
+            return images
+        height, width = images.shape[-2:]
+        if self.image_fit == "crop":
+            side = min(height, width)
+            top, left = (height - side) // 2, (width - side) // 2
+            images = images[..., top:top + side, left:left + side]  # (B, 3, side, side)
+            how = f"centre-cropped to {side}x{side} and resized"
+        else:
+            how = "resized" + (" (aspect ratio changed)" if height != width else "")
+        fitted = F.interpolate(images.float(), size=(size, size), mode="bilinear",
+                               align_corners=False, antialias=True)  # (B, 3, S, S)
+        warnings.warn(f"images of {width}x{height} (W x H) were {how} to {size}x{size}, the "
+                      f"VAE's size; pass {size}x{size} images, or set image_fit='crop' / "
+                      f"'resize' to choose how", ImageResizeWarning, stacklevel=3)
+        return fitted.clamp(-1, 1).to(images.dtype)
+
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """z0 = VAE posterior mean * scaling_factor (SD's 0.18215; measured for the toy VAE)."""
+        """z0 = VAE posterior mean * scaling_factor (SD's 0.18215; measured for the toy VAE).
+        On SD1.5 images of another size are first resized or cropped (``fit_images``)."""
+        images = self.fit_images(images)
         self.check_images(images)
         latents = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist.mean
         return latents * self.vae.config.scaling_factor
@@ -126,6 +156,21 @@ class Components:
         def eps(x, t, cond):
             return self.unet(x, t, encoder_hidden_states=cond).sample
         return eps
+
+
+class ImageResizeWarning(UserWarning):
+    """Images of another size than the SD1.5 VAE's were resized or cropped to it."""
+
+
+def sd15_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
+    """float16 on CUDA and float32 on the CPU when ``dtype`` is None; float16 on the CPU is
+    refused (ValueError: these models are slow and inexact there)."""
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ValueError("float16 on a CPU is not supported by these models; use float32 "
+                         "(dtype=None picks float16 on CUDA and float32 on the CPU)")
+    return dtype
 
 
 def load_components(preset: str = "toy", device: str | torch.device = "cpu",
@@ -150,15 +195,23 @@ def load_components(preset: str = "toy", device: str | torch.device = "cpu",
     return components
 
 
-def _load_sd15(model_id: str, dtype) -> Components:
+def _load_sd15(model_id, dtype, revision: str | None = None,
+               with_unet: bool = True) -> Components:
+    """SD1.5's modules (hub id or local folder, at ``revision``) in ``dtype``, on the CPU;
+    ``with_unet=False`` leaves the UNet out (``unet`` None)."""
     if dtype == torch.float16 and not torch.cuda.is_available():
         raise ValueError("float16 on a CPU is not supported by these models; use float32")
+    model_id = str(model_id)
     try:
-        unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", torch_dtype=dtype)
+        unet = (UNet2DConditionModel.from_pretrained(model_id, subfolder="unet",
+                                                     revision=revision, torch_dtype=dtype)
+                if with_unet else None)
+        vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae", revision=revision,
+                                            torch_dtype=dtype)
         text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder",
-                                                     torch_dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
+                                                     revision=revision, torch_dtype=dtype)
+        tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer",
+                                                  revision=revision)
     except OSError as error:
         raise OSError(f"could not load Stable Diffusion 1.5 from {model_id!r}: it needs access to "
                       f"the Hugging Face hub (unset HF_HUB_OFFLINE) or a local copy of the "

@@ -41,6 +41,7 @@ from .pipeline import CountCalls, ICDPipeline, as_prompts, guidance_schedule
 from .solver import ddim_jump, sampling_timesteps, timestep_batch
 
 BASELINES = ("ddim", "npi", "nti")
+SD15_BLEND_DOWNSAMPLE = 4  # SD1.5's local blend reads the 16x16 maps of 64x64 latents (P2P)
 
 
 @dataclass
@@ -61,16 +62,19 @@ class P2PSettings:
     self_fraction: float = 0.6
     amplify: float = 4.0
     blend_threshold: float = 0.3
+    blend_downsample: int | None = None  # None: 4 on SD1.5 (16x16 maps), all maps on the toy
 
     def __post_init__(self):
         check_p2p_numbers(cross_fraction=self.cross_fraction, self_fraction=self.self_fraction,
                           amplify=self.amplify, blend_threshold=self.blend_threshold)
 
     def controller(self, tokenizer, sources, targets, num_steps, blend_words=None,
-                   amplify_words=None) -> PromptToPrompt:
+                   amplify_words=None, preset: str = "toy") -> PromptToPrompt:
+        downsample = self.blend_downsample or (SD15_BLEND_DOWNSAMPLE if preset == "sd15"
+                                               else None)
         return PromptToPrompt(tokenizer, sources, targets, num_steps, self.cross_fraction,
                               self.self_fraction, self.amplify, amplify_words, blend_words,
-                              self.blend_threshold)
+                              self.blend_threshold, blend_downsample=downsample)
 
 
 def _prompt_pairs(components, images, sources, targets):
@@ -103,7 +107,7 @@ def _controller(p2p: P2PSettings, components, sources, targets, num_steps: int, 
     if amplify_words is not None and not isinstance(amplify_words, str):
         amplify_words = [_cleaned(components, words) for words in amplify_words]
     return p2p.controller(components.tokenizer, sources, targets, num_steps, blend_words,
-                          amplify_words)
+                          amplify_words, components.preset)
 
 
 @torch.no_grad()
@@ -111,7 +115,9 @@ def icd_edit(pipeline: ICDPipeline, images: torch.Tensor, sources, targets, w: f
              tau: float | None = 0.8, p2p: P2PSettings = P2PSettings(), blend_words=None,
              amplify_words=None, seed: int = 0) -> Edit:
     """iCD editing of a batch of images (see the module docstring); w is classical (1 = none;
-    the authors' SD1.5 scripts use 20, the toy students edit best near 4: see
+    the authors' SD1.5 scripts use 20 = their 19 in the code unit w - 1, with tau 0.8 and the
+    P2P defaults here: ``icd_edit(load_sd15_pipeline(), ..., w=20.0)``; the toy students edit
+    best near 4: see
     ``editing_evaluation.W_ICD``); ``tau`` = None guides every step with w; ``seed`` seeds the
     noise that takes the image to t = 19 before encoding.
 
