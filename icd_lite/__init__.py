@@ -83,7 +83,7 @@ __version__ = "0.1.0"
 # The pipeline imports diffusers and transformers (seconds): loaded on first use, so that
 # `import icd_lite` stays light for the 2D theory of notebook 01.
 _LAZY = {"ICDPipeline": "pipeline", "load_pipeline": "pipeline", "load_pipelines": "pipeline",
-         "load_components": "components"}
+         "load_components": "components", "load_sd15_pipeline": "sd15.loading"}
 
 
 def __getattr__(name):
