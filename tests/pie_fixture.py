@@ -59,7 +59,8 @@ def tiny_dinov2(seed: int = 0):
     torch.manual_seed(seed)
     model = Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=32, image_size=32, patch_size=8)).eval()
-    processor = BitImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32},
+    processor = BitImageProcessorPil(size={"shortest_edge": 36},
+                                     crop_size={"height": 32, "width": 32},
                                      image_mean=[0.485, 0.456, 0.406],
                                      image_std=[0.229, 0.224, 0.225])
     return model, processor
@@ -124,7 +125,8 @@ def encode_rle(mask: np.ndarray) -> list[int]:
 
 FIXTURE_ITEMS = {
     # id: (folder, original prompt, editing prompt, box of the edit (top, left, bottom, right))
-    "000000000000": ("0_random_140", "a slanted mountain bicycle on the road in front of a building",
+    "000000000000": ("0_random_140",
+                     "a slanted mountain bicycle on the road in front of a building",
                      "a slanted [rusty] mountain bicycle on the road in front of a building",
                      (200, 150, 400, 380)),
     "000000000001": ("0_random_140", "a [cat] on a wooden table", "a [dog] on a wooden table",

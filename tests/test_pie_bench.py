@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+pytest.importorskip("torchmetrics", reason="the [metrics] extra: pip install -e '.[metrics]'")
+
 from icd_lite import metrics as toy
 from icd_lite.experiments import pie_bench as P
 from icd_lite.sd15 import metrics as M
@@ -68,8 +70,8 @@ def test_fixture_masks_round_trip_through_the_loader(items):
 
 def test_brackets_are_stripped_and_kept_marked(items):
     first, second = items[0], items[1]
-    assert first.editing_prompt == "a slanted rusty mountain bicycle on the road in front of a building"
-    assert first.editing_prompt_marked == "a slanted [rusty] mountain bicycle on the road in front of a building"
+    assert first.editing_prompt.startswith("a slanted rusty mountain bicycle on the road")
+    assert first.editing_prompt_marked.startswith("a slanted [rusty] mountain bicycle")
     assert second.original_prompt == "a cat on a wooden table"  # brackets in the original too
     assert all("[" not in i.original_prompt + i.editing_prompt for i in items)
     assert P.strip_brackets("[a] [b]c") == "a bc"
@@ -192,9 +194,12 @@ def test_pnp_suite_end_to_end(items, pnp_suite, monkeypatch):
     darker = per_image[per_image.method == "darker"]
     full_mask = same.id == "914000000002"  # the style edit covers the whole image
     assert same[~full_mask].psnr_unedit_part.map(math.isinf).all()
-    assert (same.structure_distance == 0).all() and (same[~full_mask].lpips_unedit_part.abs() < 1e-6).all()
-    assert same[full_mask][["psnr_unedit_part", "mse_unedit_part", "ssim_unedit_part"]].isna().all(axis=None)
-    assert (darker.structure_distance > 0).all() and (darker[darker.id != "914000000002"].mse_unedit_part > 0).all()
+    assert (same.structure_distance == 0).all()
+    assert (same[~full_mask].lpips_unedit_part.abs() < 1e-6).all()
+    background = ["psnr_unedit_part", "lpips_unedit_part", "mse_unedit_part", "ssim_unedit_part"]
+    assert per_image[per_image.id == "914000000002"][background].isna().all(axis=None)
+    assert (darker.structure_distance > 0).all()
+    assert (darker[darker.id != "914000000002"][background[1:3]] > 0).all(axis=None)
     assert list(summary.index) == ["identity", "darker"]
     assert list(summary.columns) == [(g, n) for g, n, _, _ in P.PnPSuite.TABLE]
     assert math.isclose(summary.loc["darker", ("Background Preservation", "MSE x10^4")],
@@ -215,9 +220,10 @@ def test_icd_suite_end_to_end_with_fake_image_reward(items):
     assert same.clip_i.sub(1).abs().max() < 1e-5 and same.dinov2.sub(1).abs().max() < 1e-5
     assert (per_image[per_image.method == "darker"].dinov2 < 1 - 1e-6).all()
     assert (per_image.clip_t.abs() <= 1).all()  # raw cosine, not x100
-    assert list(per_image.image_reward[:len(items)]) == [float(len(i.editing_prompt)) for i in items]
+    assert list(same.image_reward) == [float(len(i.editing_prompt)) for i in items]
     assert summary.index.names == ["method", "edit_type"] and len(summary) == 2 * 5
-    assert list(summary.columns.get_level_values(1)) == ["CLIP score", "ImageReward", "DINOv2", "CLIP-I"]
+    assert list(summary.columns.get_level_values(1)) == [
+        "CLIP score", "ImageReward", "DINOv2", "CLIP-I"]
 
 
 def test_evaluate_names_the_method_missing_images(items):

@@ -49,7 +49,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Mapping, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -74,7 +73,8 @@ Subset = Literal["all", "icd140", "icd420"]
 # --- the data ---------------------------------------------------------------------------------
 
 def strip_brackets(prompt: str) -> str:
-    """The prompt without PIE-Bench's ``[`` ``]`` marks: ``"a [rusty] bike"`` -> ``"a rusty bike"``."""
+    """The prompt without PIE-Bench's ``[`` ``]`` marks: ``"a [rusty] bike"`` -> ``"a rusty
+    bike"``."""
     return prompt.replace("[", "").replace("]", "")
 
 
@@ -155,7 +155,8 @@ def load_pie_bench(root: str | Path, mapping: str = "mapping_file.json") -> list
     items = [_item(root, image_id, entry) for image_id, entry in sorted(entries.items())]
     missing = [item.image_path for item in items if not item.image_path.is_file()]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} images of {mapping} are missing, e.g. {missing[0]}")
+        raise FileNotFoundError(f"{len(missing)} images of {mapping} are missing, "
+                                f"e.g. {missing[0]}")
     return items
 
 
@@ -189,7 +190,8 @@ def select(items: Sequence, subset: Subset = "all") -> list:
 # --- images ------------------------------------------------------------------------------------
 
 def load_image(image) -> torch.Tensor:
-    """uint8 [3, H, W] from a path, a PIL image, or a tensor [3, H, W] (uint8, or float in [0, 1])."""
+    """uint8 [3, H, W] from a path, a PIL image, or a tensor [3, H, W] (uint8, or float in
+    [0, 1])."""
     if isinstance(image, torch.Tensor):
         M.check_images(image[None], "edited image")
         return M.to_uint8(image[None])[0]
@@ -204,8 +206,8 @@ def load_image(image) -> torch.Tensor:
 
 def rightmost_square(image: torch.Tensor, size: int = SIZE) -> torch.Tensor:
     """PnPInversion's crop of a non-square edited image: the bottom-right ``size`` x ``size``
-    (editors save strips source | reconstruction | edit, the edit last). [3, H, W] -> [3, size, size];
-    a square image is returned as it is."""
+    (editors save strips source | reconstruction | edit, the edit last).
+    [3, H, W] -> [3, size, size]; a square image is returned as it is."""
     h, w = image.shape[-2:]
     if h == w:
         return image
@@ -291,10 +293,12 @@ class PnPSuite:
                              f"{tuple(source.shape)} and edit {tuple(edited.shape)}")
         src, edit = source[None], edited[None]  # (1, 3, 512, 512) uint8
         mask = item.mask().to(torch.uint8)  # (512, 512), 1 = edit region
+        clip_source = self.clip.clip_t(src, [item.original_prompt])  # (1,)
+        clip_target = self.clip.clip_t(edit, [item.editing_prompt])  # (1,)
         row = {"structure_distance": float(self.structure(src, edit)[0]),
                **self._background(src, edit, 1 - mask),
-               "clip_similarity_source_image": float(self.clip.clip_t(src, [item.original_prompt])[0]),
-               "clip_similarity_target_image": float(self.clip.clip_t(edit, [item.editing_prompt])[0]),
+               "clip_similarity_source_image": float(clip_source[0]),
+               "clip_similarity_target_image": float(clip_target[0]),
                "clip_similarity_target_image_edit_part": math.nan}
         if mask.any():
             row["clip_similarity_target_image_edit_part"] = float(
@@ -312,7 +316,8 @@ class PnPSuite:
         return {"psnr_unedit_part": float(M.psnr(a, b)[0]),
                 "lpips_unedit_part": float(self.lpips(a, b)[0]) if self.lpips else math.nan,
                 "mse_unedit_part": float(M.mse(a, b)[0]),
-                "ssim_unedit_part": float(structural_similarity_index_measure(a, b, data_range=1.0))}
+                "ssim_unedit_part": float(structural_similarity_index_measure(
+                    a, b, data_range=1.0))}
 
 
 class ICDSuite:

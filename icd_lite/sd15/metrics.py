@@ -3,16 +3,16 @@ r"""The paper's metrics at Stable Diffusion 1.5 scale, from well-kept libraries.
 Each metric here is the real one that the toy analogue in ``icd_lite.metrics`` stands for, with the
 same call shape (``metric(a, b) -> [B]``, ``clip.clip_t(images, prompts) -> [B]``):
 
-| metric                 | here                           | model / library                              | convention                                  |
-|------------------------|--------------------------------|----------------------------------------------|---------------------------------------------|
-| CLIP score (CLIP-T)    | ``ClipScore.clip_t``           | ``openai/clip-vit-large-patch14``, transformers | raw cosine (iCD) or 100 max(cos, 0) (PnP)   |
-| CLIP image-image (CLIP-I) | ``ClipScore.clip_i``        | same                                         | same                                        |
-| DINOv2 similarity      | ``DinoV2Similarity``           | ``facebook/dinov2-base``, pooler_output      | raw cosine                                  |
-| DINO structure distance| ``DinoStructureDistance``      | ``facebook/dino-vitb8``, keys of the last block | MSE of key self-similarities (PnP)       |
-| LPIPS                  | ``LPIPS``                      | torchmetrics (needs torchvision)             | lower is closer; [0, 1] inputs              |
-| PSNR, MSE              | ``psnr``, ``mse``              | torchmetrics functional / torch              | on the [0, 1] scale (peak 1 = 255 in uint8) |
-| FID                    | ``FID``                        | torchmetrics + torch-fidelity Inception      | images LANCZOS-resized to 256, centre crop  |
-| ImageReward            | ``ImageReward`` (optional)     | the ``image-reward`` package                 | the package's score                         |
+| here (the paper's name)       | model, library                  | convention                 |
+|-------------------------------|---------------------------------|----------------------------|
+| ClipScore.clip_t (CLIP score) | CLIP ViT-L/14, transformers     | cos (iCD), 100 max(cos, 0) |
+| ClipScore.clip_i (CLIP-I)     | same                            | same                       |
+| DinoV2Similarity (DINOv2)     | dinov2-base, pooler_output      | raw cosine                 |
+| DinoStructureDistance (PnP)   | dino-vitb8, keys of last block  | PnP's: 0-255 inputs        |
+| LPIPS                         | torchmetrics (+ torchvision)    | lower = closer             |
+| psnr, mse                     | torchmetrics, torch             | [0, 1] scale, peak 1       |
+| FID                           | torchmetrics (+ torch-fidelity) | LANCZOS 256, centre crop   |
+| ImageReward (optional)        | the image-reward package        | the package's score        |
 
 Images. Every metric takes batches ``[B, 3, H, W]``, either float in [0, 1] or uint8 in 0..255
 (the toy world's [-1, 1] images are refused with a one-line ValueError that says how to map them:
@@ -40,6 +40,7 @@ but not beside this project's CPU torch build: there, construct them with an inj
 
 from __future__ import annotations
 
+import importlib
 from typing import Literal, Sequence
 
 import numpy as np
@@ -255,7 +256,8 @@ class DinoStructureDistance:
     """
 
     def __init__(self, model, size: int = 224, max_size: int = 480, antialias: bool = False):
-        self.model, self.size, self.max_size, self.antialias = model.eval(), size, max_size, antialias
+        self.model, self.size, self.max_size = model.eval(), size, max_size
+        self.antialias = antialias
         self.key_projection = _last_key_projection(model)
 
     @classmethod
@@ -485,8 +487,8 @@ class ImageReward:
     @classmethod
     def from_pretrained(cls, name: str = IMAGE_REWARD_ID,
                         device: str | torch.device = "cpu") -> "ImageReward":
-        try:
-            import ImageReward as reward  # the image-reward package
+        try:  # by name: the package cannot be a declared extra (it does not co-install)
+            reward = importlib.import_module("ImageReward")
         except ImportError:
             raise ImportError(IMAGE_REWARD_MISSING) from None
         return cls(reward.load(name, device=device).eval())
