@@ -1,13 +1,33 @@
 r"""The deterministic DDIM solver (Song et al., 2021, eta = 0), in both directions.
 
-Everything is built on one move, the DDIM *jump* from time t to any time s::
+Everything is built on one move, the DDIM *jump* from time t to any time s:
 
-    x0_hat = (x_t - sigma_t * eps_hat) / alpha_t          # predicted clean point
-    x_s    = alpha_s * x0_hat + sigma_s * eps_hat           # re-noise it to level s
+.. math::
+
+    \hat x_0 = \frac{x_t - \sigma_t \hat\epsilon}{\alpha_t}
+    \qquad\text{(predicted clean point)}, \qquad
+    x_s = \alpha_s \hat x_0 + \sigma_s \hat\epsilon \qquad\text{(re-noised to level } s)
 
 s < t denoises (sampling), s > t inverts (encoding). With s = 0 (alpha_0 = 1, sigma_0 = 0) the
-jump returns x0_hat. The same jump is iCD's boundary parameterization f(x_t, t, s) (paper eq. 3):
-a consistency model is an epsilon network followed by one jump to its segment boundary.
+jump returns x0_hat. The same jump is iCD's boundary parameterization (paper eq. 3),
+:math:`f_\theta(x_t,t,s)=\alpha_s\frac{x_t-\sigma_t\hat\epsilon}{\alpha_t}+\sigma_s\hat\epsilon`:
+a consistency model is an epsilon network followed by one jump to its segment boundary
+(``consistency.py``).
+
+DDIM inversion runs the same jump upwards, t -> s > t. The eps it needs is the one at the
+*unknown* end of the step, so it is approximated (Mokady et al. 2023; diffusers'
+``DDIMInverseScheduler``) by evaluating the network at the target time on the current point:
+
+.. math::
+
+    x_s = \alpha_s \frac{x_t - \sigma_t\,\epsilon(x_t, s, c)}{\alpha_t}
+          + \sigma_s\,\epsilon(x_t, s, c), \qquad s > t
+
+**Two discretisations of inversion** (a trap): ``invert_ddim`` evaluates eps at the *target*
+time s, as above, and never at t = 0. The forward-CD teacher step that fCD_m is distilled from
+(``losses.forward_cd_loss``, the authors' ``forward_train_step``) evaluates it at the *current*
+time t, :math:`\epsilon(x_t, t, c)`. Both approximate the same ODE to first order; the student
+encoder and the DDIM50 inversion baseline therefore follow slightly different discrete paths.
 
 The loops follow k-diffusion's shape: ``sample_x(model, x, timesteps, extra_args=None,
 callback=None, disable=None)`` where ``model(x, t, **extra_args)`` returns epsilon, ``callback``
@@ -27,9 +47,10 @@ EpsModel = Callable[..., torch.Tensor]
 
 
 def eps_to_x0(x_t: torch.Tensor, eps: torch.Tensor, t, schedule: NoiseSchedule = SD15_SCHEDULE):
-    """x0_hat = (x_t - sigma_t eps) / alpha_t."""
+    r"""x0_hat = (x_t - sigma_t eps) / alpha_t: :math:`\hat x_0=(x_t-\sigma_t\epsilon)/\alpha_t`."""
     alpha, sigma = (broadcast_to(v, x_t) for v in (schedule.alpha(t), schedule.sigma(t)))
-    return (x_t - sigma * eps) / alpha
+    # alpha, sigma: [B, 1, 1, 1] (or scalars), broadcast over x_t's [B, C, H, W]
+    return (x_t - sigma * eps) / alpha  # [B, C, H, W]
 
 
 def x0_to_eps(x_t: torch.Tensor, x0: torch.Tensor, t, schedule: NoiseSchedule = SD15_SCHEDULE):
@@ -42,14 +63,15 @@ def x0_to_eps(x_t: torch.Tensor, x0: torch.Tensor, t, schedule: NoiseSchedule = 
 
 def ddim_jump(x_t: torch.Tensor, eps: torch.Tensor, t, s,
               schedule: NoiseSchedule = SD15_SCHEDULE) -> torch.Tensor:
-    """One DDIM move from time t to time s along the predicted noise eps (either direction).
+    r"""One DDIM move from time t to time s along the predicted noise eps (either direction).
 
-    x_s = alpha_s * (x_t - sigma_t eps) / alpha_t + sigma_s eps. t and s are ints or one
-    timestep per sample; s = t returns x_t unchanged.
+    .. math:: x_s = \alpha_s \frac{x_t - \sigma_t \epsilon}{\alpha_t} + \sigma_s \epsilon
+
+    t and s are ints or one timestep per sample; s = t returns x_t unchanged.
     """
-    x0_hat = eps_to_x0(x_t, eps, t, schedule)
+    x0_hat = eps_to_x0(x_t, eps, t, schedule)  # [B, C, H, W]
     alpha_s, sigma_s = (broadcast_to(v, x_t) for v in (schedule.alpha(s), schedule.sigma(s)))
-    return alpha_s * x0_hat + sigma_s * eps
+    return alpha_s * x0_hat + sigma_s * eps     # [B, C, H, W], the point at time s
 
 
 def timestep_batch(t: int, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +104,7 @@ def sample_ddim(model: EpsModel, x: torch.Tensor, timesteps: Sequence[int],
     extra_args = extra_args or {}
     for i, (t, s) in enumerate(tqdm(list(zip(steps[:-1], steps[1:])), disable=disable,
                                     desc="DDIM")):
-        eps = model(x, timestep_batch(t, x), **extra_args)
+        eps = model(x, timestep_batch(t, x), **extra_args)  # eps(x_t, t): [B, C, H, W]
         if callback is not None:
             callback({"x": x, "i": i, "t": t, "s": s, "denoised": eps_to_x0(x, eps, t, schedule)})
         x = ddim_jump(x, eps, t, s, schedule)
@@ -93,18 +115,24 @@ def sample_ddim(model: EpsModel, x: torch.Tensor, timesteps: Sequence[int],
 def invert_ddim(model: EpsModel, x: torch.Tensor, timesteps: Sequence[int],
                 schedule: NoiseSchedule = SD15_SCHEDULE, extra_args=None, callback=None,
                 disable=None) -> torch.Tensor:
-    """Implements DDIM inversion: the DDIM ODE step run from data to noise.
+    r"""Implements DDIM inversion: the DDIM ODE step run from data to noise.
 
     ``timesteps`` is increasing and starts at the data's time, e.g. ``[0, 19, 39, ..., 999]``.
     As in diffusers' ``DDIMInverseScheduler`` and null-text inversion, the step t -> s uses
     eps evaluated at the *target* time s on the current point (the usual approximation
-    x_t ~ x_s), so the model is queried at the same times as in sampling and never at t = 0.
+    x_t ~ x_s), so the model is queried at the same times as in sampling and never at t = 0:
+
+    .. math::
+        x_s = \alpha_s \frac{x_t - \sigma_t\epsilon(x_t, s)}{\alpha_t} + \sigma_s\epsilon(x_t, s)
+
+    Not the forward-CD teacher step (``losses.forward_cd_loss``, the authors'
+    ``forward_train_step``), which evaluates eps at the *current* time t.
     """
     steps = _check_direction(timesteps, descending=False, name="invert_ddim")
     extra_args = extra_args or {}
     for i, (t, s) in enumerate(tqdm(list(zip(steps[:-1], steps[1:])), disable=disable,
                                     desc="DDIM inversion")):
-        eps = model(x, timestep_batch(s, x), **extra_args)
+        eps = model(x, timestep_batch(s, x), **extra_args)  # eps(x_t, s): [B, C, H, W]
         if callback is not None:
             callback({"x": x, "i": i, "t": t, "s": s, "denoised": eps_to_x0(x, eps, t, schedule)})
         x = ddim_jump(x, eps, t, s, schedule)
