@@ -231,3 +231,22 @@ def test_evaluate_names_the_method_missing_images(items):
     partial = {"half-done": {i.id: i.image_path for i in items[:2]}}
     with pytest.raises(ValueError, match="half-done: no edited image for 4 of 6 ids"):
         P.evaluate(items, partial, suite)
+
+
+def test_saved_edits_are_found_again_and_rerun_resumes(items, tmp_path):
+    calls = []
+
+    def darken(item):
+        calls.append(item.id)
+        return item.image().float() / 255 * 0.5  # (3, 512, 512) in [0, 1]
+
+    saved = P.save_edits(items, darken, tmp_path / "darken")
+    assert saved == P.edited_from_folder(items, tmp_path / "darken") and len(calls) == len(items)
+    assert saved["111000000000"] == (tmp_path / "darken/1_change_object_80/1_artificial/1_animal"
+                                     / "111000000000.png")
+    expected = (items[0].image().float() / 255 * 0.5 * 255).round().to(torch.uint8)
+    assert torch.equal(P.load_image(saved[items[0].id]), expected)  # lossless PNG
+    P.save_edits(items, darken, tmp_path / "darken")
+    assert len(calls) == len(items)  # nothing edited twice
+    with pytest.raises(FileNotFoundError, match="no edited image for 000000000000"):
+        P.edited_from_folder(items, tmp_path / "elsewhere")

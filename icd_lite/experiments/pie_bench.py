@@ -36,8 +36,10 @@ Two suites, never mixed in one table:
   DINOv2 pooled cosine, ImageReward when installed.
 
 ``evaluate(items, {method: {id: edited image}}, suite)`` returns a per-image DataFrame and the
-summary as the papers print it (``summary_table``). The ``python -m icd_lite.bench pie`` command
-runs the editors and calls it.
+summary as the papers print it (``summary_table``). ``save_edits`` runs an editor over the items
+and stores its PNGs in the source layout; ``edited_from_folder`` reads such a folder back, or
+PnPInversion's own ``output/<method>/annotation_images`` (to check numbers against its Table 1).
+The ``python -m icd_lite.bench pie`` command runs the editors and calls these.
 """
 
 from __future__ import annotations
@@ -99,12 +101,14 @@ def decode_mask(rle: Sequence[int], shape: tuple[int, int] = (SIZE, SIZE)) -> to
 
 @dataclass(frozen=True)
 class PieItem:
-    """One PIE-Bench entry. Prompts are bracket-stripped; ``editing_prompt_marked`` keeps the
-    brackets (the edited span, for attention-based editors). ``category`` and ``subject`` are
-    None for type 0."""
+    """One PIE-Bench entry. ``image_path``: the source picture; ``relative_path``: the
+    mapping's ``image_path`` (below ``annotation_images``). Prompts are bracket-stripped;
+    ``editing_prompt_marked`` keeps the brackets (the edited span, for attention-based editors).
+    ``category`` and ``subject`` are None for type 0."""
 
     id: str
     image_path: Path
+    relative_path: Path
     original_prompt: str
     editing_prompt: str
     editing_prompt_marked: str
@@ -167,6 +171,7 @@ def _item(root: Path, image_id: str, entry: dict) -> PieItem:
                          f"{entry['editing_type_id']!r}")
     return PieItem(
         id=image_id, image_path=root / "annotation_images" / entry["image_path"],
+        relative_path=Path(entry["image_path"]),
         original_prompt=strip_brackets(entry["original_prompt"]),
         editing_prompt=strip_brackets(entry["editing_prompt"]),
         editing_prompt_marked=entry["editing_prompt"],
@@ -221,6 +226,36 @@ def resize_512(image: torch.Tensor) -> torch.Tensor:
     if tuple(image.shape[-2:]) == (SIZE, SIZE):
         return image
     return M.from_pil([M.to_pil(image[None])[0].resize((SIZE, SIZE))])[0]
+
+
+def save_edits(items: Sequence[PieItem], edit, folder: str | Path) -> dict[str, Path]:
+    """Run ``edit(item) -> image`` (a PIL image or a [3, H, W] tensor, uint8 or float in [0, 1])
+    on every item and save it losslessly as ``<folder>/<relative_path>.png``; returns {id: path},
+    ready for ``evaluate``. An existing file is kept, so a rerun resumes."""
+    paths = {}
+    for item in items:
+        path = (Path(folder) / item.relative_path).with_suffix(".png")
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            M.to_pil(load_image(edit(item))[None])[0].save(path)
+        paths[item.id] = path
+    return paths
+
+
+def edited_from_folder(items: Sequence[PieItem], folder: str | Path) -> dict[str, Path]:
+    """{id: path} of edited images laid out like the source images, e.g. PnPInversion's outputs
+    ``output/<method>/annotation_images/<image_path>`` (that name, or the same name in .png).
+    Raises FileNotFoundError naming the first missing one."""
+    paths = {}
+    for item in items:
+        candidates = [Path(folder) / item.relative_path,
+                      (Path(folder) / item.relative_path).with_suffix(".png")]
+        found = [path for path in candidates if path.is_file()]
+        if not found:
+            raise FileNotFoundError(f"no edited image for {item.id} in {folder} "
+                                    f"({item.relative_path})")
+        paths[item.id] = found[0]
+    return paths
 
 
 # --- the suites --------------------------------------------------------------------------------

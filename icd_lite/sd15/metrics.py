@@ -28,6 +28,10 @@ Sources, cited per metric below:
 - **PAPER** = Starodubcev et al., Invertible Consistency Distillation, NeurIPS 2024: Tables 1-2, 4
   (generation, inversion), Fig. 9 and Table 3 (editing).
 
+Precision: everything here runs in the model's dtype (fp32 by default); iCD computed CLIP and
+DINOv2 features under ``torch.cuda.amp.autocast()`` (fp16 on a GPU), so its values may differ in
+the third decimal.
+
 Loading. Each class has ``from_pretrained(name_or_path)`` that takes a hub id or a local folder
 (``HF_HUB_OFFLINE=1`` with a folder works offline); tests build tiny models from configs and hand
 them to the constructor, so nothing is downloaded in CI.
@@ -154,11 +158,11 @@ class ClipScore:
     def from_pretrained(cls, name_or_path: str = CLIP_ID, convention: Convention = "cosine",
                         device: str | torch.device = "cpu") -> "ClipScore":
         """Weights from the hub id (default ``openai/clip-vit-large-patch14``) or a local folder."""
-        from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
+        from transformers import AutoTokenizer, CLIPModel, CLIPProcessor
 
         processor = CLIPProcessor(
             image_processor=_pil_image_processor("CLIPImageProcessor", name_or_path),
-            tokenizer=CLIPTokenizer.from_pretrained(name_or_path))
+            tokenizer=AutoTokenizer.from_pretrained(name_or_path))
         return cls(CLIPModel.from_pretrained(name_or_path).to(device), processor, convention)
 
     @property
