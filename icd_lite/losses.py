@@ -1,24 +1,76 @@
 r"""The losses of invertible consistency distillation (paper section 3, eqs. 2-5; method.md
-section 4).
+section 4). Notebook 03 executes one training step of this file, loss by loss.
 
 Written against plain callables, so the same code distils a 2D MLP or a UNet:
 
-* ``teacher(x, t, cond) -> eps``: the epsilon-predicting teacher (CFG is applied here, with
-  ``null_cond`` as the unconditional input);
-* ``student(x, t, s, cond, w_code) -> eps_hat``: a student; f_theta is eps_hat followed by a
-  DDIM jump to s (see ``consistency.py``).
+* ``teacher(x, t, cond) -> eps``: the epsilon-predicting teacher $\epsilon_\phi$ (CFG is applied
+  here, with ``null_cond`` as the unconditional input);
+* ``student(x, t, s, cond, w_code) -> eps_hat``: a student $\epsilon_\theta$; $f_\theta$ is
+  eps_hat followed by a DDIM jump to s (``consistency.consistency_fn``).
 
-One batch (x0, cond) and one noise eps feed four losses, applied in this order, each followed by an
-optimizer step on its own model (Algorithm 1 of the paper)::
+Shapes (minGPT's habit; the 2D world of ``toy2d`` uses [B, 2] points and [B] labels instead):
+x0, eps, x_t: [B, C, h, w] scaled VAE latents; cond, null_cond: [B, L, D] text embeddings;
+t, t', s: long [B]; w_code: float [B]. Every loss is a scalar.
 
-    1. L_CD(theta+)  reverse CD   f+(x_t, t -> s) ~ f+(x_t', t' -> s),  x_t' = DDIM_teacher(t -> t - 20; w)
-    2. L_CD(theta-)  forward CD   f-(x_t, t -> s) ~ f-(x_t', t' -> s),  x_t' = invDDIM_teacher(t -> t + 20)
-    3. lambda_f L_f  forward preservation   f-(f+(x_hi, hi -> lo), lo -> hi) ~ x_hi   (updates theta-)
-    4. lambda_r L_r  reverse preservation   f+(f-(x_lo, lo -> hi), hi -> lo) ~ x_lo   (updates theta+)
+**The boundary parameterization** (paper eq. 3). A student maps x_t to its segment boundary s
+with one DDIM jump along its own noise prediction, with $\alpha_0 := 1, \sigma_0 := 0$:
 
-Targets come from the online student under stop-gradient (no EMA, as LCM-LoRA), and are replaced by
-x_t' itself where t' is already the boundary (the boundary condition f(x, s, s) = x). Distance:
-pseudo-Huber d(a, b) = mean(sqrt((a - b)^2 + c^2) - c).
+$$f_\theta(x_t, t, s) = \alpha_s \frac{x_t - \sigma_t \epsilon_\theta(x_t, t, s, c, w)}{\alpha_t}
+  + \sigma_s \epsilon_\theta(x_t, t, s, c, w)$$
+
+The reverse student $\theta^+$ (CD_m, decoder) maps to $s = \max\{b_i \le t\}$ of the reverse
+boundaries $[0, b_1, \dots, b_{m-1}]$; the forward student $\theta^-$ (fCD_m, encoder) to
+$s = \min\{b_i \ge t\}$ of the forward boundaries $[b_1, \dots, b_{m-1}, 999]$.
+
+**The distance** is pseudo-Huber, L2-like near 0 and L1-like far away ($c = 10^{-3}$):
+
+$$d(a, b) = \operatorname{mean}\Big(\sqrt{(a - b)^2 + c^2} - c\Big)$$
+
+**The four losses.** One batch (x0, c) and one noise eps feed all four, applied in this order,
+each followed by an optimizer step on its own model (Algorithm 1 of the paper); sg is
+stop-gradient, $x_t = \alpha_t x_0 + \sigma_t \epsilon$, $\phi$ the teacher:
+
+1. reverse CD, updates $\theta^+$ (t on the DDIM grid, $t' = t - 20$, $w$ drawn per sample):
+
+   $$\mathcal{L}_{CD}^{+} = d\Big(f_{\theta^+}(x_t, t, s; c, w),\;
+     \mathrm{sg}\, f_{\theta^+}(x_{t'}, t', s; c, w)\Big), \quad
+     x_{t'} = \mathrm{DDIM}_\phi(x_t, t \to t'; w), \quad s = \max\{b_i \le t'\}$$
+
+2. forward CD, updates $\theta^-$ ($t' = t + 20$, always unguided):
+
+   $$\mathcal{L}_{CD}^{-} = d\Big(f_{\theta^-}(x_t, t, s; c),\;
+     \mathrm{sg}\, f_{\theta^-}(x_{t'}, t', s; c)\Big), \quad
+     x_{t'} = \mathrm{DDIM}^{-1}_\phi(x_t, t \to t'), \quad s = \min\{b_i \ge t'\}$$
+
+3. forward preservation (paper eq. 4), updates $\theta^-$ only; segment $j$ drawn per sample,
+   $[b_j, b_{j+1}]$ = (reverse[j], forward[j]), $b_0 = 0$ replaced by 19:
+
+   $$\mathcal{L}_f = d\Big(f_{\theta^-}\big(\mathrm{sg}\,
+     f_{\theta^+}(x_{b_{j+1}}, b_{j+1} \to b_j), b_j \to b_{j+1}\big),\; x_{b_{j+1}}\Big)$$
+
+4. reverse preservation, updates $\theta^+$ only:
+
+   $$\mathcal{L}_r = d\Big(f_{\theta^+}\big(\mathrm{sg}\, f_{\theta^-}(x_{b_j}, b_j \to b_{j+1}),
+     b_{j+1} \to b_j\big),\; x_{b_j}\Big)$$
+
+The total objective (paper eq. 5), with $\lambda_f = \lambda_r = 1.5$ by default:
+
+$$\mathcal{L} = \mathcal{L}_{CD}^{+} + \mathcal{L}_{CD}^{-} + \lambda_f \mathcal{L}_f
+  + \lambda_r \mathcal{L}_r$$
+
+Targets come from the online student under stop-gradient (no EMA, as LCM-LoRA), and are replaced
+by x_t' itself where t' is already the boundary (the boundary condition f(x, s, s) = x).
+
+Two traps, signposted where they meet the code:
+
+* **Two guidance units.** Here (as in the whole core) guidance is ``w_code = w - 1``
+  ($\epsilon_w = \epsilon_c + w_{code} (\epsilon_c - \epsilon_\varnothing)$, 0 = unguided), so
+  the release's ``w_code_choices`` (0, 7, 11, 15, 19) are classical w = 1, 8, 12, 16, 20; the
+  pipeline and the command line take the classical w.
+* **Two discretisations of inversion.** The forward-CD teacher step evaluates eps at the
+  *current* time t (the authors' ``forward_train_step``); ``solver.invert_ddim`` evaluates it at
+  the *target* time (diffusers' ``DDIMInverseScheduler``). So fCD is distilled from a slightly
+  different discrete ODE than the DDIM50 inversion it is compared with; both are defensible.
 
 Teacher note: the authors distil from a CFG-distilled teacher (one pass with a w-embedding); here
 the teacher runs real CFG (two passes), the LCM recipe. Both give the same guided eps_w target.
@@ -38,11 +90,12 @@ from .solver import ddim_jump
 
 
 def pseudo_huber(prediction: torch.Tensor, target: torch.Tensor, c: float = 1e-3) -> torch.Tensor:
-    """d(a, b) = mean(sqrt((a - b)^2 + c^2) - c): L2-like near 0, L1-like far away."""
+    r"""$d(a, b) = \operatorname{mean}(\sqrt{(a - b)^2 + c^2} - c)$: L2-like near 0, L1-like far
+    away. prediction, target: any shape, the same one (e.g. [B, C, h, w]); returns a scalar."""
     if prediction.shape != target.shape:
         raise ValueError(f"shapes differ: {tuple(prediction.shape)} vs {tuple(target.shape)}")
     check_finite("pseudo-Huber c", c, 0, low_open=True, fix="e.g. 1e-3")
-    return torch.mean(torch.sqrt((prediction.float() - target.float()) ** 2 + c**2) - c)
+    return torch.mean(torch.sqrt((prediction.float() - target.float()) ** 2 + c**2) - c)  # ()
 
 
 def _random_choice(values, n: int, generator, device) -> torch.Tensor:
@@ -52,15 +105,17 @@ def _random_choice(values, n: int, generator, device) -> torch.Tensor:
 
 
 def _keep_boundary(target: torch.Tensor, x_prev: torch.Tensor, t_prev, s) -> torch.Tensor:
-    """Boundary condition: where t' == s the target is x_t' itself."""
-    at_boundary = (t_prev == s).reshape(-1, *([1] * (target.ndim - 1)))
-    return torch.where(at_boundary, x_prev, target)
+    """Boundary condition $f(x, s, s) = x$: where t' == s the target is x_t' itself."""
+    at_boundary = (t_prev == s).reshape(-1, *([1] * (target.ndim - 1)))  # (B, 1, 1, 1) bool
+    return torch.where(at_boundary, x_prev, target)                     # (B, C, h, w)
 
 
 def _guided_teacher_eps(teacher, x_t, t, cond, null_cond, w_code) -> torch.Tensor:
-    """eps_w of the teacher: real CFG (two passes: cond and null), or, for a CFG-distilled
+    r"""eps_w of the teacher: real CFG (two passes: cond and null),
+    $\epsilon_w = \epsilon_\phi(x_t, t, c) + w_{code} (\epsilon_\phi(x_t, t, c) -
+    \epsilon_\phi(x_t, t, \varnothing))$ with ``w_code = w - 1``, or, for a CFG-distilled
     teacher that reads w itself (``teacher.embeds_guidance`` true: the authors' SD1.5 teacher,
-    ``icd_lite.sd15.train``), one pass ``teacher(x, t, cond, w_code)``."""
+    ``icd_lite.sd15.train``), one pass ``teacher(x, t, cond, w_code)``. Returns (B, C, h, w)."""
     if getattr(teacher, "embeds_guidance", False):
         return teacher(x_t, t, cond, w_code)
     return cfg(teacher(x_t, t, cond), teacher(x_t, t, null_cond), w_code)
@@ -70,52 +125,73 @@ def reverse_cd_loss(student, teacher, x0, eps, cond, null_cond, boundaries: Boun
                     w_code_choices=(0.0, 7.0, 11.0, 15.0, 19.0), generator=None,
                     schedule: NoiseSchedule = SD15_SCHEDULE, huber_c: float = 1e-3,
                     num_ddim_steps: int = 50) -> torch.Tensor:
-    """Reverse CD (method.md section 4, loss 1): n ~ U{0..49}, t = ddim_t[n],
-    t' = max(t - 20, 0), s = max{e in reverse boundaries : e <= t'}, w_code ~ U(w_code_choices)."""
-    check_w_code(torch.as_tensor(w_code_choices))
-    grid = torch.tensor([0] + ddim_timesteps(num_ddim_steps), device=x0.device)
-    n = torch.randint(num_ddim_steps, (x0.shape[0],), generator=generator).to(x0.device)
-    t, t_prev = grid[n + 1], grid[n]  # t' is one grid step below t (0 below the first step)
-    s = boundaries.reverse_target(t_prev)
-    w_code = _random_choice(w_code_choices, x0.shape[0], generator, x0.device).float()
+    r"""Reverse CD $\mathcal{L}_{CD}^{+}$ (method.md section 4, loss 1), updates $\theta^+$:
 
-    x_t = schedule.add_noise(x0, eps, t)
-    prediction = consistency_fn(student, x_t, t, s, cond, w_code, schedule)
+    $$d\big(f_{\theta^+}(x_t, t, s; c, w),\ \mathrm{sg}\, f_{\theta^+}(x_{t'}, t', s; c, w)\big),
+    \quad x_{t'} = \mathrm{DDIM}_\phi(x_t, t \to t'; w)$$
+
+    n ~ U{0..49}, t = ddim_t[n], t' = max(t - 20, 0), s = max{b_i in reverse : b_i <= t'},
+    w_code ~ U(w_code_choices) (w_code = w - 1: 0 is unguided). x0, eps: (B, C, h, w);
+    cond, null_cond: (B, L, D). Returns a scalar.
+    """
+    check_w_code(torch.as_tensor(w_code_choices))
+    grid = torch.tensor([0] + ddim_timesteps(num_ddim_steps), device=x0.device)  # (51,) 0, 19..999
+    n = torch.randint(num_ddim_steps, (x0.shape[0],), generator=generator).to(x0.device)  # (B,)
+    t, t_prev = grid[n + 1], grid[n]  # t' = t - 20, one grid step below t (0 below the first)
+    s = boundaries.reverse_target(t_prev)  # s = max{b_i <= t'}, (B,)
+    w_code = _random_choice(w_code_choices, x0.shape[0], generator, x0.device).float()  # (B,)
+
+    x_t = schedule.add_noise(x0, eps, t)  # x_t = alpha_t x_0 + sigma_t eps, (B, C, h, w)
+    prediction = consistency_fn(student, x_t, t, s, cond, w_code, schedule)  # f+(x_t, t, s; w)
     with torch.no_grad():
+        # x_{t'} = DDIM(x_t, t -> t'; w): one guided teacher step, (B, C, h, w)
         x_prev = ddim_jump(x_t, _guided_teacher_eps(teacher, x_t, t, cond, null_cond, w_code),
                            t, t_prev, schedule)
         # Where t' == s the target is x_t' itself (masked below): never query the student
         # there, which would be at t' = 0 on the first grid step.
         t_query = torch.where(t_prev == s, t, t_prev)
-        target = consistency_fn(student, x_prev, t_query, s, cond, w_code, schedule)
-        target = _keep_boundary(target, x_prev, t_prev, s)
-    return pseudo_huber(prediction, target, huber_c)
+        target = consistency_fn(student, x_prev, t_query, s, cond, w_code, schedule)  # sg f+
+        target = _keep_boundary(target, x_prev, t_prev, s)  # x_{t'} where t' = s
+    return pseudo_huber(prediction, target, huber_c)  # d(prediction, target), ()
 
 
 def forward_cd_loss(student, teacher, x0, eps, cond, boundaries: Boundaries, generator=None,
                     schedule: NoiseSchedule = SD15_SCHEDULE, huber_c: float = 1e-3,
                     num_ddim_steps: int = 50) -> torch.Tensor:
-    """Forward CD (method.md section 4, loss 2): n ~ U{0..48}, t = ddim_t[n], t' = t + 20,
-    s = min{e in forward boundaries : e >= t'}; unguided inverse DDIM step of the teacher."""
-    grid = torch.tensor(ddim_timesteps(num_ddim_steps), device=x0.device)
-    n = torch.randint(num_ddim_steps - 1, (x0.shape[0],), generator=generator).to(x0.device)
-    t, t_next = grid[n], grid[n + 1]
-    s = boundaries.forward_target(t_next)
+    r"""Forward CD $\mathcal{L}_{CD}^{-}$ (method.md section 4, loss 2), updates $\theta^-$:
 
-    x_t = schedule.add_noise(x0, eps, t)
-    prediction = consistency_fn(student, x_t, t, s, cond, 0.0, schedule)
+    $$d\big(f_{\theta^-}(x_t, t, s; c),\ \mathrm{sg}\, f_{\theta^-}(x_{t'}, t', s; c)\big),
+    \quad x_{t'} = \mathrm{DDIM}^{-1}_\phi(x_t, t \to t')$$
+
+    n ~ U{0..48}, t = ddim_t[n], t' = t + 20, s = min{b_i in forward : b_i >= t'}; the
+    teacher's inverse DDIM step is unguided (w_code = 0). x0, eps: (B, C, h, w); cond:
+    (B, L, D). Returns a scalar.
+
+    Discretisation: this step evaluates eps at the *current* time t, as the authors'
+    ``forward_train_step``; ``solver.invert_ddim`` (DDIM50 inversion, the baseline) evaluates
+    it at the *target* time t', as diffusers' ``DDIMInverseScheduler``.
+    """
+    grid = torch.tensor(ddim_timesteps(num_ddim_steps), device=x0.device)  # (50,) 19, 39..999
+    n = torch.randint(num_ddim_steps - 1, (x0.shape[0],), generator=generator).to(x0.device)  # (B,)
+    t, t_next = grid[n], grid[n + 1]  # t' = t + 20, (B,)
+    s = boundaries.forward_target(t_next)  # s = min{b_i >= t'}, (B,)
+
+    x_t = schedule.add_noise(x0, eps, t)  # x_t = alpha_t x_0 + sigma_t eps, (B, C, h, w)
+    prediction = consistency_fn(student, x_t, t, s, cond, 0.0, schedule)  # f-(x_t, t, s)
     with torch.no_grad():
-        x_next = ddim_jump(x_t, teacher(x_t, t, cond), t, t_next, schedule)
-        target = consistency_fn(student, x_next, t_next, s, cond, 0.0, schedule)
-        target = _keep_boundary(target, x_next, t_next, s)
-    return pseudo_huber(prediction, target, huber_c)
+        # x_{t'} = DDIM^{-1}(x_t, t -> t'), eps at the current time t: NOT invert_ddim's
+        # discretisation (eps at the target time t'; see solver.invert_ddim)
+        x_next = ddim_jump(x_t, teacher(x_t, t, cond), t, t_next, schedule)  # (B, C, h, w)
+        target = consistency_fn(student, x_next, t_next, s, cond, 0.0, schedule)  # sg f-
+        target = _keep_boundary(target, x_next, t_next, s)  # x_{t'} where t' = s
+    return pseudo_huber(prediction, target, huber_c)  # d(prediction, target), ()
 
 
 def _segment_ends(boundaries: Boundaries, n: int, generator, device, clean_start: int = 19):
-    """j ~ U{0..m-1}: s_hi = forward[j], s_lo = reverse[j] (0 replaced by 19)."""
-    j = torch.randint(boundaries.m, (n,), generator=generator).to(device)
-    s_hi = torch.tensor(boundaries.forward, device=device)[j]
-    s_lo = torch.tensor(boundaries.reverse, device=device)[j].clamp(min=clean_start)
+    """j ~ U{0..m-1}: s_hi = forward[j] = b_{j+1}, s_lo = reverse[j] = b_j (0 replaced by 19)."""
+    j = torch.randint(boundaries.m, (n,), generator=generator).to(device)  # (B,)
+    s_hi = torch.tensor(boundaries.forward, device=device)[j]  # b_{j+1}, (B,)
+    s_lo = torch.tensor(boundaries.reverse, device=device)[j].clamp(min=clean_start)  # b_j, (B,)
     return s_lo, s_hi
 
 
@@ -123,12 +199,21 @@ def forward_preservation_loss(forward_student, reverse_student, x0, eps, cond,
                               boundaries: Boundaries, generator=None,
                               schedule: NoiseSchedule = SD15_SCHEDULE,
                               huber_c: float = 1e-3) -> torch.Tensor:
-    """L_f (paper eq. 4): decode one segment with the frozen reverse model, re-encode it with
-    the forward model, and ask for the starting point back. Gradients reach theta- only."""
-    s_lo, s_hi = _segment_ends(boundaries, x0.shape[0], generator, x0.device)
-    x_hi = schedule.add_noise(x0, eps, s_hi)
+    r"""$\mathcal{L}_f$ (paper eq. 4): decode one segment with the frozen reverse model,
+    re-encode it with the forward model, and ask for the starting point back. Gradients reach
+    $\theta^-$ only. Both jumps are unguided (w_code = 0).
+
+    $$d\Big(f_{\theta^-}\big(\mathrm{sg}\, f_{\theta^+}(x_{b_{j+1}}, b_{j+1} \to b_j),
+    b_j \to b_{j+1}\big),\ x_{b_{j+1}}\Big)$$
+
+    x0, eps: (B, C, h, w); cond: (B, L, D). Returns a scalar.
+    """
+    s_lo, s_hi = _segment_ends(boundaries, x0.shape[0], generator, x0.device)  # b_j, b_{j+1}
+    x_hi = schedule.add_noise(x0, eps, s_hi)  # x_{b_{j+1}}, (B, C, h, w)
     with torch.no_grad():
+        # y = sg f+(x_{b_{j+1}}, b_{j+1} -> b_j), (B, C, h, w)
         y = consistency_fn(reverse_student, x_hi, s_hi, s_lo, cond, 0.0, schedule)
+    # d(f-(y, b_j -> b_{j+1}), x_{b_{j+1}})
     return pseudo_huber(consistency_fn(forward_student, y, s_lo, s_hi, cond, 0.0, schedule),
                         x_hi, huber_c)
 
@@ -137,12 +222,21 @@ def reverse_preservation_loss(forward_student, reverse_student, x0, eps, cond,
                               boundaries: Boundaries, generator=None,
                               schedule: NoiseSchedule = SD15_SCHEDULE,
                               huber_c: float = 1e-3) -> torch.Tensor:
-    """L_r: encode one segment with the frozen forward model, decode it (unguided) with the
-    reverse model, and ask for the starting point back. Gradients reach theta+ only."""
-    s_lo, s_hi = _segment_ends(boundaries, x0.shape[0], generator, x0.device)
-    x_lo = schedule.add_noise(x0, eps, s_lo)
+    r"""$\mathcal{L}_r$: encode one segment with the frozen forward model, decode it
+    (unguided) with the reverse model, and ask for the starting point back. Gradients reach
+    $\theta^+$ only.
+
+    $$d\Big(f_{\theta^+}\big(\mathrm{sg}\, f_{\theta^-}(x_{b_j}, b_j \to b_{j+1}),
+    b_{j+1} \to b_j\big),\ x_{b_j}\Big)$$
+
+    x0, eps: (B, C, h, w); cond: (B, L, D). Returns a scalar.
+    """
+    s_lo, s_hi = _segment_ends(boundaries, x0.shape[0], generator, x0.device)  # b_j, b_{j+1}
+    x_lo = schedule.add_noise(x0, eps, s_lo)  # x_{b_j}, (B, C, h, w)
     with torch.no_grad():
+        # y = sg f-(x_{b_j}, b_j -> b_{j+1}), (B, C, h, w)
         y = consistency_fn(forward_student, x_lo, s_lo, s_hi, cond, 0.0, schedule)
+    # d(f+(y, b_{j+1} -> b_j; w = 1), x_{b_j})
     return pseudo_huber(consistency_fn(reverse_student, y, s_hi, s_lo, cond, 0.0, schedule),
                         x_lo, huber_c)
 
@@ -190,11 +284,17 @@ def _optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, grad_c
 def icd_training_step(reverse_student, forward_student, teacher, reverse_optimizer,
                       forward_optimizer, x0, cond, null_cond, config: ICDConfig,
                       generator=None, schedule: NoiseSchedule = SD15_SCHEDULE) -> dict:
-    """One iCD iteration on a batch: the four updates in the paper's order. Returns the losses.
+    r"""One iCD iteration on a batch: the four updates of eq. 5 in the paper's order
+    (Algorithm 1), $\mathcal{L}_{CD}^{+}$ on $\theta^+$, $\mathcal{L}_{CD}^{-}$ on $\theta^-$,
+    $\lambda_f \mathcal{L}_f$ on $\theta^-$, $\lambda_r \mathcal{L}_r$ on $\theta^+$, each
+    followed by its optimizer step. Returns the losses (unweighted, before each update) as
+    floats: ``reverse_cd``, ``forward_cd``, ``forward_preservation``, ``reverse_preservation``
+    (a switched-off term is absent).
 
-    ``reverse_optimizer`` must hold theta+ and ``forward_optimizer`` theta-.
+    x0: (B, C, h, w) scaled latents; cond, null_cond: (B, L, D). ``reverse_optimizer`` must
+    hold theta+ and ``forward_optimizer`` theta-.
     """
-    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)  # (B, C, h, w)
     boundaries, c = config.boundaries, config.huber_c
     losses = {}
 
