@@ -16,6 +16,15 @@ in its manifest, with the training curve as JSON.
 The recipes are the configurations of the paper's Table 2 / Table 5 (m boundaries, preservation
 losses on or off). ``--lora-rank`` trains peft LoRA adapters instead of full copies, as SD1.5 is
 distilled.
+
+The total objective of one iteration is the paper's eq. 5 (``losses`` writes each term out)::
+
+    L = L_CD^+(theta+) + L_CD^-(theta-) + lambda_f L_f(theta-) + lambda_r L_r(theta+)
+
+Recipes C, E and F ship bit-identical reverse students: without L_r (lambda_r = 0) nothing the
+reverse student theta+ sees depends on the forward student, and the batch of step k (latents,
+captions, eps, t, w) is drawn from ``batch_generator(100 + seed, k)``, re-seeded every step, so
+the three runs feed theta+ the same numbers. Their generation curves (Fig. 11) coincide.
 """
 
 from __future__ import annotations
@@ -137,7 +146,8 @@ class TrainingCurve:
 
 
 def build_students(teacher_unet, lora_rank: int | None = None):
-    """The forward and reverse students, both starting as the teacher."""
+    """The forward (theta-, fCD_m) and reverse (theta+, CD_m) students, both starting as the
+    teacher, returned in that order: ``forward, reverse = build_students(components.unet)``."""
     forward, reverse = student_from_teacher(teacher_unet), student_from_teacher(teacher_unet)
     if lora_rank:
         add_lora(forward, lora_rank)
@@ -155,7 +165,7 @@ def distill(components: Components, recipe: Recipe, data: LatentCaptions, steps:
     ``curve`` measurements (if given) every ``eval_every`` steps, with the training seconds.
     """
     config = recipe.icd_config()
-    teacher = components.eps_model()
+    teacher = components.eps_model()  # eps_phi(x, t, cond), the frozen teacher
     forward, reverse = build_students(components.unet, lora_rank)
     optimizers = {"forward": torch.optim.AdamW(trainable_parameters(forward), lr=lr,
                                                weight_decay=0.0),
@@ -168,8 +178,8 @@ def distill(components: Components, recipe: Recipe, data: LatentCaptions, steps:
         history.append({"step": 0, "seconds": 0.0, **curve(forward, reverse, config.boundaries)})
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="iCD")
     for step in bar:
-        generator = batch_generator(100 + seed, step)
-        x0, cond, null = data.batch(batch, generator)
+        generator = batch_generator(100 + seed, step)  # re-seeded per step: same batch per recipe
+        x0, cond, null = data.batch(batch, generator)  # (B, C, h, w), (B, L, D), (B, L, D)
         losses = icd_training_step(reverse, forward, teacher, optimizers["reverse"],
                                    optimizers["forward"], x0, cond, null, config, generator)
         bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
