@@ -21,7 +21,7 @@ from icd_lite._versions import check_versions, declared_requirements
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXTRAS = {"notebooks": {"papermill", "ipywidgets", "ipykernel", "matplotlib", "pandas"},
-          "dev": {"pytest", "nbval"}}
+          "dev": {"pytest", "nbval"}, "metrics": {"torchmetrics"}}
 # import name -> the distribution that provides it, where they differ
 DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "IPython": "ipykernel"}  # the kernel brings IPython
 
