@@ -29,11 +29,11 @@ adapter cost per pass. ``fuse=False`` keeps both as switchable peft adapters on 
 SD1.5 full size, float16      fused (default)  adapters
 ============================  ===============  ============
 UNets (base + 2 students)     5.16 GB          3.71 GB
-+ VAE and text encoder        5.58 GB          4.13 GB
++ VAE and text encoder        5.57 GB          4.12 GB
 ============================  ===============  ============
 
 (weight bytes counted from the exact architecture, ``bench.weight_bytes``: UNet 859.5 M
-parameters, teacher 860.2 M, LoRA 67.3 M each, VAE 83.7 M, text encoder 123.1 M; activations
+parameters, teacher 859.7 M, LoRA 67.3 M each, VAE 83.7 M, text encoder 123.1 M; activations
 come on top: measure them with ``python -m icd_lite.sd15.bench`` on a GPU). Adapters save one
 UNet copy (1.45 GB) but add two small matrix products to each of the 278 adapted layers in every
 pass, and switch adapters on every call; both fit a 16 GB T4 with room to spare, so the fused
@@ -377,7 +377,9 @@ def load_sd15_pipeline(release: str | None = "4step-v1", base=SD15_MODEL_ID, tea
     for module in (forward_unet, reverse_unet, components.unet, components.vae,
                    components.text_encoder):
         if module is not None:
-            module.to(device, dtype).eval().requires_grad_(False)
+            module.to(device).eval().requires_grad_(False)
+            if module.dtype != dtype:  # the students were fused in float32
+                module.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
