@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel
 
-WORDS = ["a", "red", "blue", "green", "cat", "dog", "bird", "on", "the", "grass", "sofa"]
+WORDS = ["a", "red", "blue", "green", "cat", "dog", "bird", "on", "the", "grass", "watercolor"]
 RESOLUTION = 16  # pixels; the tiny VAE downsamples by 2 -> 8 x 8 latents
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,10 +50,12 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
                          up_block_types=("UpDecoderBlock2D",) * 2, sample_size=RESOLUTION).eval()
 
 
-def tiny_text(seed: int = 0):
-    from icd_lite.world.text import build_tokenizer
+def tiny_text(folder, seed: int = 0):
+    """A real CLIP BPE tokenizer learnt offline (``icd_lite.sd15.fabricate``, the SD1.5
+    loader's fixture) written to ``folder``, and a 1-layer CLIP text encoder of width 16."""
+    from icd_lite.sd15.fabricate import bpe_tokenizer
 
-    tokenizer = build_tokenizer(WORDS)
+    tokenizer = bpe_tokenizer(folder)
     torch.manual_seed(seed)
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
                             num_hidden_layers=1, num_attention_heads=2,
@@ -68,8 +70,7 @@ def make_model_folder(folder, distilled_teacher: bool = False) -> Path:
     """A diffusers SD1.5-layout folder of tiny components; with ``distilled_teacher`` also
     ``folder/teacher`` (a UNet with time_cond_proj_dim, as dbaranchuk/sd15-cfg-distill-unet)."""
     folder = Path(folder)
-    tokenizer, text_encoder = tiny_text()
-    tokenizer.save_pretrained(folder / "tokenizer")
+    _, text_encoder = tiny_text(folder / "tokenizer")
     text_encoder.save_pretrained(folder / "text_encoder")
     tiny_vae().save_pretrained(folder / "vae")
     tiny_unet().save_pretrained(folder / "unet")

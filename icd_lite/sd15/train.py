@@ -7,9 +7,10 @@ r"""Distil your own iCD LoRAs at SD1.5 scale, on one or several GPUs (accelerate
         --batch 512 --micro-batch 16 --steps 6000 --lr 8e-6
 
 Without ``--teacher`` the plain SD1.5 UNet is the teacher with real CFG (two passes: the caption
-and the empty prompt), and both students get a trainable ``time_embedding.cond_proj``
+and the empty prompt), and the reverse student gets a trainable ``time_embedding.cond_proj``
 (time_cond_proj_dim 512), zero-initialised so that step 0 equals the teacher for every w: one
-reverse student then serves every w. With the authors' CFG-distilled teacher (one pass, w
+reverse student then serves every w (the forward student only sees w = 0, where a zero
+projection is the teacher exactly; its projection stays zero). With the authors' CFG-distilled teacher (one pass, w
 embedded) the students keep its projection frozen and train LoRA only, as the release did.
 
 **The loop is the toy world's** (``icd_lite.distill``, ``icd_lite.losses``): the same four loss
@@ -68,8 +69,11 @@ latent space) is logged every ``--eval-every`` iterations with the losses to
 in through ``train(..., metrics=[fn])`` with ``fn(forward, reverse, boundaries) -> dict``.
 Output: ``forward-19-259-519-779.safetensors`` / ``reverse-259-519-779-999.safetensors`` (the
 release's layout: peft keys under ``unet.base_model.model.``, fp32, no alpha tensors: alpha is
-8 by convention) plus ``cond_proj.safetensors`` when the projections were trained, and
-``icd_lora.json`` saying how to load them.
+8 by convention) plus ``cond_proj.safetensors`` (the reverse student's projection) when it was
+trained, and ``icd_lora.json`` saying how to load them. Pairs distilled from the CFG-distilled
+teacher load straight into ``icd_lite.sd15.load_sd15_pipeline(None, teacher=..., loras=<output>,
+rank=None, lora_alpha=8)`` (tested); pairs with a trained projection load with
+``load_student_unet`` here (the loader takes one teacher for both students).
 """
 
 from __future__ import annotations
@@ -146,8 +150,11 @@ class Teacher(nn.Module):
 def build_students(teacher_unet, config: TrainConfig, weight_dtype=torch.float32) -> dict:
     """The forward and reverse students: teacher copies with LoRA (rank, alpha as released).
 
-    A plain teacher gets a new zero-initialised ``cond_proj`` (trained); a CFG-distilled one
-    keeps its own (frozen). Frozen weights in ``weight_dtype``, trainable ones in float32.
+    A plain teacher gets a new zero-initialised ``cond_proj``, trained in the reverse student
+    only: the forward one always sees w = 0, where a zero projection is exactly the teacher, so
+    it stays zero and the forward LoRA loads onto the plain UNet. A CFG-distilled teacher keeps
+    its own projection, frozen in both (the release). Frozen weights in ``weight_dtype``,
+    trainable ones in float32.
     """
     distilled = teacher_unet.config.time_cond_proj_dim is not None
     students = {}
@@ -155,7 +162,7 @@ def build_students(teacher_unet, config: TrainConfig, weight_dtype=torch.float32
         student = UNetStudent(copy.deepcopy(teacher_unet)) if distilled \
             else student_from_teacher(teacher_unet)
         add_lora(student, config.lora_rank, SD15_LORA_TARGETS, lora_alpha=config.lora_alpha,
-                 train_guidance=not distilled, init_lora_weights=True)
+                 train_guidance=not distilled and role == "reverse", init_lora_weights=True)
         for p in student.parameters():
             p.data = p.data.to(torch.float32 if p.requires_grad else weight_dtype)
         if config.gradient_checkpointing:
@@ -307,7 +314,7 @@ def export_pair(output: Path, students: dict, boundaries: Boundaries, config: Tr
         save_file({PREFIX + k: v.float().contiguous().cpu() for k, v in state.items()},
                   str(output / names[role]))
         weight = student.unet.time_embedding.cond_proj.weight
-        if weight.requires_grad:
+        if weight.requires_grad:  # the reverse student of a real-CFG teacher
             cond_proj[f"{role}.time_embedding.cond_proj.weight"] = weight.float().cpu()
     if cond_proj:
         save_file(cond_proj, str(output / "cond_proj.safetensors"))
@@ -316,18 +323,24 @@ def export_pair(output: Path, students: dict, boundaries: Boundaries, config: Tr
             "target_modules": SD15_LORA_TARGETS, "key_prefix": PREFIX,
             "boundaries": {"reverse": list(boundaries.reverse),
                            "forward": list(boundaries.forward)},
-            "teacher": teacher_name, "guidance": "cond_proj trained here (zero-initialised, "
-            "time_cond_proj_dim " + str(next(iter(students.values())).unet.config
-                                        .time_cond_proj_dim) + ")" if cond_proj else
-            "the teacher's cond_proj (CFG-distilled)", "w_unit": "code: 0 = unguided, 7 ~ "
-            "classical 8", "config": asdict(config)}
+            "teacher": teacher_name, "guidance": _guidance_note(students, cond_proj),
+            "w_unit": "code: 0 = unguided, 7 ~ classical 8", "config": asdict(config)}
     (output / "icd_lora.json").write_text(json.dumps(info, indent=1) + "\n")
     return names
 
 
+def _guidance_note(students: dict, cond_proj: dict) -> str:
+    dim = students["reverse"].unet.config.time_cond_proj_dim
+    if cond_proj:
+        return (f"teacher with real CFG; reverse student: trained cond_proj (time_cond_proj_dim "
+                f"{dim}) in cond_proj.safetensors; forward student: zero cond_proj (= none)")
+    return "the CFG-distilled teacher's cond_proj, unchanged, in both students"
+
+
 def load_student_unet(output, role: str, teacher_unet):
-    """A plain UNet of a trained student: the teacher (plus its trained cond_proj, if any) with
-    the LoRA file fused, alpha from icd_lora.json: what an SD1.5 loader must reproduce."""
+    """A plain UNet of a trained student: the teacher (for a real-CFG teacher plus a guidance
+    projection: the trained one for the reverse student, zero for the forward) with the LoRA
+    file fused, alpha from icd_lora.json."""
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -336,10 +349,11 @@ def load_student_unet(output, role: str, teacher_unet):
     info = json.loads((output / "icd_lora.json").read_text())
     unet = copy.deepcopy(teacher_unet).float()
     if "cond_proj" in info["files"]:
-        unet = student_from_teacher(unet).unet
+        unet = student_from_teacher(unet).unet  # zero-initialised projection
         cond_proj = load_file(str(output / info["files"]["cond_proj"]))
-        unet.time_embedding.cond_proj.weight.data.copy_(
-            cond_proj[f"{role}.time_embedding.cond_proj.weight"])
+        key = f"{role}.time_embedding.cond_proj.weight"
+        if key in cond_proj:
+            unet.time_embedding.cond_proj.weight.data.copy_(cond_proj[key])
     lora = load_file(str(output / info["files"][role]))
     if not lora or not all(k.startswith(PREFIX) for k in lora):
         raise ValueError(f"{info['files'][role]}: not a LoRA file with keys {PREFIX}...")
@@ -433,7 +447,9 @@ def prepare_source(accelerator, args, encoder):
     if args.stream:
         return sd15_data.StreamedLatents(pairs, encoder)
     folder = Path(args.cache) if args.cache else Path(args.output) / "latents"
-    if not any(folder.glob("part-*-of-*.safetensors")):
+    cached = any(folder.glob("part-*-of-*.safetensors"))
+    accelerator.wait_for_everyone()  # all look before any writes: else a late one sees a part
+    if not cached:
         sd15_data.encode_to_cache(pairs, encoder, folder, accelerator.process_index,
                                   accelerator.num_processes, args.micro_batch)
     accelerator.wait_for_everyone()
@@ -447,7 +463,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", required=True, help="SD1.5 diffusers folder or hub id")
     parser.add_argument("--teacher", default=None,
                         help="CFG-distilled teacher UNet (folder / hub id); default: the "
-                             "model's UNet with real CFG and trained cond_proj")
+                             "model's UNet with real CFG and a trained cond_proj")
     parser.add_argument("--data", required=True,
                         help="COCO-layout CSV (idx, file_name, caption), an image folder with "
                              ".txt captions, or webdataset shards (.tar)")
@@ -473,6 +489,11 @@ def parse_args(argv=None):
         "save_every", "eval_every", "eval_samples")},
         gradient_checkpointing=not args.no_gradient_checkpointing)
     get_recipe(config.recipe)
+    for name in ("steps", "batch", "micro_batch", "lora_rank", "lora_alpha"):
+        if getattr(config, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not config.lr > 0:
+        parser.error("--lr must be positive (the release: 8e-6)")
     return args, config
 
 
