@@ -166,13 +166,13 @@ def test_bad_data_and_batches_fail_in_one_line(tmp_path):
 
 
 def test_images_are_resized_and_centre_cropped_like_the_authors(tmp_path):
-    """Resize(R) on the shorter side then CenterCrop(R), [-1, 1]: a 40 x 20 image whose left
-    and right quarters are black keeps only its white middle at R = 10."""
+    """Resize(R) on the shorter side then CenterCrop(R), [-1, 1]: a 40 x 20 image whose outer
+    fifths are black keeps only its white middle at R = 10 (a squashing resize would not)."""
     from PIL import Image
     import numpy as np
 
     pixels = np.zeros((20, 40, 3), dtype=np.uint8)
-    pixels[:, 10:30] = 255
+    pixels[:, 8:32] = 255
     Image.fromarray(pixels).save(tmp_path / "x.png")
     image = sd15_data.load_image(tmp_path / "x.png", 10)
     assert image.shape == (3, 10, 10)
@@ -190,10 +190,10 @@ def test_a_distilled_teacher_is_called_once_per_reverse_cd_target():
 
     for dim, passes in ((16, 1), (None, 2)):
         teacher = Teacher(tiny_unet(time_cond_proj_dim=dim))
-        calls = []
-        teacher.unet.register_forward_hook(lambda *a: calls.append(1))
         student = build_students(teacher.unet, TrainConfig(lora_rank=2, lora_alpha=2,
                                                            gradient_checkpointing=False))
+        calls = []  # hooked after the students are copied from it
+        teacher.unet.register_forward_hook(lambda *a: calls.append(1))
         x0, cond = torch.randn(2, 4, 8, 8), torch.randn(2, 20, 16)
         reverse_cd_loss(student["reverse"], teacher, x0, torch.randn_like(x0), cond,
                         torch.zeros_like(cond), default_boundaries(4))
