@@ -23,7 +23,6 @@ encodes the same rows on the fly instead (VAE and text encoder in the training l
 from __future__ import annotations
 
 import csv
-import glob
 from pathlib import Path
 
 import numpy as np

@@ -6,16 +6,25 @@ r"""Distil your own iCD LoRAs at SD1.5 scale, on one or several GPUs (accelerate
         --data data/train2014.csv --output build/icd-sd15 \
         --batch 512 --micro-batch 16 --steps 6000 --lr 8e-6
 
+On CPUs (tests, a laptop): ``ACCELERATE_USE_CPU=true accelerate launch --multi_gpu
+--num_processes 2 -m icd_lite.sd15.train ...`` gives two gloo processes; accelerate 1.15's
+``--cpu --num_processes 2`` starts one process unless given an MPI hostfile. Measured here (2
+shared CPU cores, tiny components of tests/sd15_train_launch.py): ~1.5 s per iteration of 4
+samples (~2 s on a busy machine), a 2-process launch of 2 iterations ~40 s, most of it process
+start-up.
+
 Without ``--teacher`` the plain SD1.5 UNet is the teacher with real CFG (two passes: the caption
 and the empty prompt), and the reverse student gets a trainable ``time_embedding.cond_proj``
 (time_cond_proj_dim 512), zero-initialised so that step 0 equals the teacher for every w: one
 reverse student then serves every w (the forward student only sees w = 0, where a zero
-projection is the teacher exactly; its projection stays zero). With the authors' CFG-distilled teacher (one pass, w
-embedded) the students keep its projection frozen and train LoRA only, as the release did.
+projection is the teacher exactly; its projection stays zero). With the authors' CFG-distilled
+teacher (one pass, w embedded) the students keep its projection frozen and train LoRA only, as
+the release did.
 
 **The loop is the toy world's** (``icd_lite.distill``, ``icd_lite.losses``): the same four loss
 functions, in the order of the paper's Algorithm 1, each followed by a step of its own AdamW
-(facts: training/train_icd_sd15_lora.py)::
+(yandex-research/invertible-cd, training/train_icd_sd15_lora.py; the numbers as collected in
+``../shared/sd15_facts.md`` section 2)::
 
     1. L_CD(theta+)    reverse CD            -> reverse optimizer
     2. L_CD(theta-)    forward CD            -> forward optimizer
@@ -25,10 +34,10 @@ functions, in the order of the paper's Algorithm 1, each followed by a step of i
 Release settings are the defaults: LoRA rank 64, alpha 8 (scale 0.125) on the 14 module kinds
 of ``students.SD15_LORA_TARGETS``; AdamW (0.9, 0.999), weight decay 0, eps 1e-8, constant lr
 8e-6, gradient clip 1.0; pseudo-Huber c = 0.001; lambda_f = lambda_r = 1.5; w_code in
-{0, 7, 11, 15, 19}; global batch 512, 6000 iterations. Not copied from the authors' script (facts
-section 2): L_r gated on the L_f coefficient, ``seed + rank`` (here every process uses the same
-seed; the data split, not the seed, makes the processes differ) and a resume that needs both
-checkpoint kinds. Deviation: z0 is the VAE posterior *mean* (deterministic, so cached and
+{0, 7, 11, 15, 19}; global batch 512, 6000 iterations. Not copied from the authors' script:
+L_r gated on the L_f coefficient, ``seed + rank`` (here every process uses the same seed; the
+data split, not the seed, makes the processes differ) and a resume that needs both checkpoint
+kinds. Deviation: z0 is the VAE posterior *mean* (deterministic, so cached and
 streamed runs agree), as the authors' inference; their training may sample.
 
 **Data parallel and gradient accumulation.** The global batch B of one iteration is split into
@@ -39,11 +48,13 @@ on P or k. Each of the four updates runs over all of its shards before its optim
 backward of loss / k per shard, under ``accelerator.no_sync(model)`` for all but the last, whose
 backward all-reduces (mean over P) the summed gradients; then clip, step, zero. The gradient is
 thus the mean over the P*k equal shards of the per-shard mean loss: the gradient of the mean over
-B, the same for any P x k = B / micro-batch, up to float summation order (tested: 2 processes x
-1 shard against 1 process x 2 shards). ``accelerator.accumulate`` is not used on purpose: it
-ties one optimizer to one sync flag, and with four interleaved updates the reverse optimizer
-would step on gradients that mix reverse CD of this shard with L_r of earlier ones, and L_f would
-be computed with a reverse student not yet updated by step 1. Only the two students are
+B, the same for any P x k = B / micro-batch, up to float summation order (tested: 2 gloo
+processes x 2 shards against 1 process x 4 shards; Adam's division by sqrt(v) lets a gradient
+component at rounding level move its weight by a fraction of lr, 3 elements in 18k there).
+``accelerator.accumulate`` is not used on purpose: it ties one optimizer to one sync flag, and
+with four interleaved updates the reverse optimizer would step on gradients that mix reverse CD
+of this shard with L_r of earlier ones, and L_f would be computed with a reverse student not yet
+updated by step 1. Only the two students are
 ``prepare``-d (DDP-wrapped); the frozen teacher, VAE and text encoder are not (DDP refuses
 modules without trainable parameters and would all-reduce nothing). The frozen role of a student
 inside an update (theta+ in L_f, theta- in L_r, both targets) runs under ``torch.no_grad``, so
@@ -51,20 +62,25 @@ DDP prepares no reduction for it.
 
 **Memory per GPU** (ESTIMATES, not measured: no GPU was used; fp16 mixed precision, gradient
 checkpointing, latents and text embeddings cached, 512 px). Fixed part, from parameter counts
-(facts section 4): teacher UNet 859.7M fp16 1.72 GB; two student bases fp16 3.44 GB; LoRA 2 x
-67.3M fp32 0.54 GB; AdamW moments 1.08 GB; gradients of one student at a time 0.27 GB plus DDP
-buckets 0.54 GB; CUDA context ~0.8 GB: about 8.4 GB. Streaming adds the VAE (fp32 0.33 GB) and
+of SD1.5's architecture (as in ``icd_lite.sd15.loading``): teacher UNet 859.7M fp16 1.72 GB;
+two student bases fp16 3.44 GB; LoRA 2 x 67.3M fp32 0.54 GB; AdamW moments 1.08 GB; gradients
+of one student at a time 0.27 GB plus DDP buckets 0.54 GB; CUDA context ~0.8 GB: about 8.4 GB. Streaming adds the VAE (fp32 0.33 GB) and
 text encoder (fp16 0.25 GB) and their encode activations. Activations: ~0.6 GB per sample
 (estimate +-50%: block-level checkpoints of a 64x64 latent plus one recomputed transformer block
 with SDPA attention, and the no-grad teacher/target passes), so:
 
-    card    --micro-batch   estimated peak     accumulation for B = 512 on 8 GPUs
-    24 GB        8          ~13 GB (<= 16)     k = 8
-    40 GB       24          ~23 GB (<= 30)     k = 3 (B = 576) or micro-batch 16, k = 4
-    80 GB       64          ~47 GB (<= 66)     k = 1
+    card    --micro-batch   estimated peak (upper)   accumulation k for B = 512 on 8 GPUs
+    24 GB        8          ~13 GB (16 GB)           8
+    40 GB       16          ~18 GB (23 GB)           4   (32 may fit: ~28 GB, upper 37 GB)
+    80 GB       64          ~47 GB (66 GB)           1
 
-The Fig. 11 curve (reconstruction MSE of encode -> decode at w = 0 on held-out latents, in
-latent space) is logged every ``--eval-every`` iterations with the losses to
+Measure before a long run: one iteration at full size on the fabricated folder
+(``python -m icd_lite.sd15.fabricate DIR --size full``, a CSV of a few images) with
+``torch.cuda.max_memory_allocated``.
+
+The Fig. 11 curve (reconstruction MSE of encode -> decode at w = 0 in latent space, on the
+first ``--eval-samples`` rows of the data: training rows, not held out; the authors measured on
+COCO val) is logged every ``--eval-every`` iterations with the losses to
 ``<output>/progress.csv`` and ``<output>/checkpoint/icd_history.json``; FID (or any metric) plugs
 in through ``train(..., metrics=[fn])`` with ``fn(forward, reverse, boundaries) -> dict``.
 Output: ``forward-19-259-519-779.safetensors`` / ``reverse-259-519-779-999.safetensors`` (the
@@ -100,12 +116,13 @@ from ..students import SD15_LORA_TARGETS, UNetStudent, add_lora, student_from_te
 from ..students import trainable_parameters
 from . import data as sd15_data
 
-PREFIX = "unet.base_model.model."  # the release's peft key prefix (facts 1.3)
+PREFIX = "unet.base_model.model."  # the release's peft keys (HF dbaranchuk/icd-lora-sd15)
 
 
 @dataclass
 class TrainConfig:
-    """One distillation run. Defaults: the SD1.5 release (facts section 2)."""
+    """One distillation run. Defaults: the SD1.5 release (invertible-cd training/README.md,
+    sh_scripts/run_sd15_lora.sh)."""
 
     recipe: str = "G"  # icd_lite.distill.RECIPES: G = m 4, L_f and L_r on (the full method)
     steps: int = 6000  # iterations (each = 4 optimizer steps)
@@ -489,7 +506,7 @@ def parse_args(argv=None):
         "save_every", "eval_every", "eval_samples")},
         gradient_checkpointing=not args.no_gradient_checkpointing)
     get_recipe(config.recipe)
-    for name in ("steps", "batch", "micro_batch", "lora_rank", "lora_alpha"):
+    for name in ("steps", "batch", "micro_batch", "lora_rank", "lora_alpha", "save_every"):
         if getattr(config, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not config.lr > 0:
