@@ -186,19 +186,23 @@ def word_positions(tokenizer, prompt: str, words) -> torch.Tensor:
     """Bool [L] on the CPU: the token positions of ``words`` in the prompt (every occurrence).
 
     A word is matched against the prompt's whitespace words (lower case, outer punctuation
-    dropped) and selects all its tokens, however many the BPE made of it; an entry of several
-    words ("red car") selects a run of them. So "cat" does not select the "cat</w>" that ends
-    "wildcat"."""
+    dropped) and selects all its tokens, however many the BPE made of it, but not tokens of
+    punctuation alone (the "," of "cat,"); an entry of several words ("red car") selects a run
+    of them. So "cat" does not select the "cat</w>" that ends "wildcat"."""
     if isinstance(words, str) or not all(isinstance(word, str) for word in words):
         raise ValueError(f"words must be a tuple of words, e.g. ('circle',), got {words!r}")
     spans = word_spans(tokenizer, prompt)
+    pieces = tokenizer.convert_ids_to_tokens(_tokens(tokenizer, prompt))
+    punctuation = {p for p, piece in enumerate(pieces)  # "," of "cat," is not the word
+                   if not _normal(piece.replace("</w>", "")) and p not in (0, len(pieces) - 1)}
     prompt_words = [_normal(word) for word in prompt.split()]
     selected = torch.zeros(tokenizer.model_max_length, dtype=torch.bool, device="cpu")  # (L,)
     for word in words:
         parts = [_normal(part) for part in word.split()]
         found = [i for i in range(len(prompt_words) - len(parts) + 1)
                  if parts and prompt_words[i:i + len(parts)] == parts]
-        positions = [p for i in found for span in spans[i:i + len(parts)] for p in span]
+        positions = [p for i in found for span in spans[i:i + len(parts)] for p in span
+                     if p not in punctuation]
         if not positions:
             raise AlignmentError(f"the word {word!r} is not in the prompt {prompt!r}; "
                                  f"blend and amplify words must be words of their prompt")

@@ -22,7 +22,7 @@ _LAZY = {"load_sd15_pipeline": "loading", "load_teacher": "loading", "read_lora"
          "boundaries_from_names": "loading", "LoRAFileError": "loading", "Release": "loading",
          "RELEASES": "loading", "LORA_ALPHA": "loading", "LORA_RANK": "loading",
          "SD15Pipeline": "pipeline", "AdapterView": "pipeline",
-         "fabricate": "fabricate", "fabricated_sources": "fabricate"}
+         "fabricate_model": "fabricate", "fabricated_sources": "fabricate"}
 
 
 def __getattr__(name):

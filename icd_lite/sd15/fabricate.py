@@ -227,7 +227,7 @@ def fabricated_sources(folder) -> dict:
     return {"base": folder, "teacher": folder / TEACHER_DIR, "loras": folder / LORA_DIR}
 
 
-def fabricate(out, size: str = "tiny", seed: int = 0, releases=None, rank: int | None = None,
+def fabricate_model(out, size: str = "tiny", seed: int = 0, releases=None, rank: int | None = None,
               dtype: torch.dtype | None = None, write_pt: bool | None = None) -> Path:
     """Write the fabricated folder (see the module docstring) and return it.
 
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     parser.add_argument("--releases", nargs="+", choices=list(RELEASES), default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 4))
-    out = fabricate(args.out, args.size, args.seed, args.releases)
+    out = fabricate_model(args.out, args.size, args.seed, args.releases)
     print(f"wrote a {args.size} fabricated SD1.5 with iCD LoRAs to {out}; load it with "
           f"icd_lite.load_sd15_pipeline(**icd_lite.sd15.fabricated_sources({str(out)!r}))")
     return 0

@@ -210,22 +210,31 @@ def read_lora(path, unet: torch.nn.Module, rank: int | None = LORA_RANK,
     return state, rank
 
 
+def check_alpha(alpha) -> None:
+    """LoRAFileError when no alpha is supplied: the files cannot say it."""
+    if alpha is None:
+        raise LoRAFileError(f"missing alpha: the released files carry no alpha tensors and were "
+                            f"trained with lora_alpha = {LORA_ALPHA:g} (scale {LORA_ALPHA:g}/"
+                            f"{LORA_RANK}); pass lora_alpha={LORA_ALPHA:g} (or your own LoRA's "
+                            f"alpha)")
+
+
 def add_lora(unet: UNet2DConditionModel, state: dict[str, torch.Tensor], adapter: str,
              rank: int, alpha: float | None = LORA_ALPHA) -> None:
     """Add ``state`` as the peft adapter ``adapter`` of ``unet`` with scale alpha / rank.
 
     diffusers' ``add_adapter`` injects LoRA layers for exactly the modules the file holds;
     peft's ``set_peft_model_state_dict`` fills them (any key left unfilled is an error)."""
+    import warnings
+
     from peft import LoraConfig, set_peft_model_state_dict
 
-    if alpha is None:
-        raise LoRAFileError(f"missing alpha: the released files carry no alpha tensors and were "
-                            f"trained with lora_alpha = {LORA_ALPHA:g} (scale {LORA_ALPHA:g}/"
-                            f"{LORA_RANK}); pass lora_alpha={LORA_ALPHA:g} (or your own LoRA's "
-                            f"alpha)")
+    check_alpha(alpha)
     modules = sorted({key.rsplit(".lora_", 1)[0] for key in state})
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules),
-                     adapter_name=adapter)
+    with warnings.catch_warnings():  # a second adapter on one UNet is what fuse=False wants
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=modules),
+                         adapter_name=adapter)
     result = set_peft_model_state_dict(unet, state, adapter_name=adapter)
     unfilled = [key for key in result.missing_keys if f".{adapter}." in key]
     if unfilled or result.unexpected_keys:
@@ -351,6 +360,7 @@ def load_sd15_pipeline(release: str | None = "4step-v1", base=SD15_MODEL_ID, tea
     if release is not None and release not in RELEASES:
         raise ValueError(f"unknown release {release!r}; choose one of {', '.join(RELEASES)}, or "
                          f"None for LoRAs of your own")
+    check_alpha(lora_alpha)  # before any loading
     if image_fit not in ("resize", "crop"):
         raise ValueError(f"image_fit must be 'resize' or 'crop', got {image_fit!r}")
     device = resolve_device(device)
