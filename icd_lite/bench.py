@@ -180,9 +180,16 @@ def print_editing(results: dict) -> None:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sd15"]:  # SD1.5 scale, its own options: python -m icd_lite.sd15.bench
+        from .sd15.bench import main as sd15_main
+
+        return sd15_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m icd_lite.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["world", "inversion", "editing"])
+    parser.add_argument("suite", choices=["world", "inversion", "editing", "sd15"],
+                        help="sd15: seconds and memory per 512x512 edit, see "
+                             "python -m icd_lite.sd15.bench --help")
     parser.add_argument("--n", type=int, default=None,
                         help="images / prompts per measurement (world: 500, inversion: 200; "
                              "editing: cases per edit type, default all 50)")
