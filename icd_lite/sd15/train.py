@@ -64,8 +64,9 @@ DDP prepares no reduction for it.
 checkpointing, latents and text embeddings cached, 512 px). Fixed part, from parameter counts
 of SD1.5's architecture (as in ``icd_lite.sd15.loading``): teacher UNet 859.7M fp16 1.72 GB;
 two student bases fp16 3.44 GB; LoRA 2 x 67.3M fp32 0.54 GB; AdamW moments 1.08 GB; gradients
-of one student at a time 0.27 GB plus DDP buckets 0.54 GB; CUDA context ~0.8 GB: about 8.4 GB. Streaming adds the VAE (fp32 0.33 GB) and
-text encoder (fp16 0.25 GB) and their encode activations. Activations: ~0.6 GB per sample
+of one student at a time 0.27 GB plus DDP buckets 0.54 GB; CUDA context ~0.8 GB: about 8.4 GB.
+Streaming adds the VAE (fp32 0.33 GB) and text encoder (fp16 0.25 GB) and their encode
+activations. Activations: ~0.6 GB per sample
 (estimate +-50%: block-level checkpoints of a 64x64 latent plus one recomputed transformer block
 with SDPA attention, and the no-grad teacher/target passes), so:
 
