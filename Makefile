@@ -66,7 +66,7 @@ gpu-check: $(STAMP)
 # Re-pin requirements/lock.txt from the current environment (after changing pyproject.toml):
 # the runtime dependencies and both extras.
 lock: $(STAMP)
-	$(PY) -m pip install --quiet --upgrade -e ".[notebooks,dev,metrics]"
+	$(PY) -m pip install --quiet --upgrade -e ".[notebooks,dev,metrics,train]"
 	( grep '^#' requirements/lock.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^torch==' ) > requirements/lock.new
 	mv requirements/lock.new requirements/lock.txt
 

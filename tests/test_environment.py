@@ -21,7 +21,8 @@ from icd_lite._versions import check_versions, declared_requirements
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 EXTRAS = {"notebooks": {"papermill", "ipywidgets", "ipykernel", "matplotlib", "pandas"},
-          "dev": {"pytest", "nbval"}, "metrics": {"torchmetrics"}}
+          "dev": {"pytest", "nbval"}, "metrics": {"torchmetrics"},
+          "train": {"webdataset"}}
 # import name -> the distribution that provides it, where they differ
 DISTRIBUTION = {"PIL": "pillow", "yaml": "pyyaml", "IPython": "ipykernel"}  # the kernel brings IPython
 
