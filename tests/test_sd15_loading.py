@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from icd_lite.editing import icd_edit
 from icd_lite.schedule import Boundaries
 from icd_lite.sd15 import fabricate_model, fabricated_sources, load_sd15_pipeline
 from icd_lite.sd15.fabricate import LORA_DIR, TEACHER_DIR, TEACHER_PT
@@ -177,6 +178,10 @@ def test_own_loras_as_adapters_match_the_fused_release(tmp_path, folder, pipe):
                                     timestep_cond=w).sample
         torch.testing.assert_close(mine, fused, atol=1e-5, rtol=1e-5)
     assert not any(p.requires_grad for p in adapters.forward_unet.parameters())
+    size = adapters.base.image_size
+    edit = icd_edit(adapters, torch.rand(1, 3, size, size) * 2 - 1, "a photo of a cat",
+                    "a photo of a dog", w=20.0, blend_words=[(("cat",), ("dog",))])
+    assert edit.nfe == 8 and torch.isfinite(edit.images).all()  # P2P hooks the shared UNet
 
 
 def test_teacher_from_the_pt_state_dict(folder, teacher):

@@ -71,6 +71,8 @@ def test_encode_decode_generate_reconstruct_and_their_nfe(pipe, image):
     reconstructed = pipe.reconstruct(image, SOURCE)
     assert reconstructed.nfe == 8
     torch.testing.assert_close(reconstructed.images, pipe.decode(encoded.latents, SOURCE).images)
+    called = pipe(SOURCE, guidance_scale=20.0, output_type="pt")  # as diffusers' LCM pipeline
+    assert called.nfe == 4 and called.images.shape == image.shape
 
 
 def test_replace_spreads_a_source_word_over_the_target_words_tokens(tokenizer):
@@ -207,11 +209,10 @@ def test_other_image_sizes_are_resized_or_cropped_with_a_warning(pipe):
         pipe.base.fit_images(torch.zeros(1, 3, 128, 128))
 
 
-def test_the_bench_runs_at_tiny_size_on_the_cpu(folder):
+def test_the_bench_runs_at_tiny_size_on_the_cpu(pipe):
     from icd_lite.sd15.bench import print_report, run_bench
 
-    report = run_bench(fabricated_sources(folder), "cpu", runs=1, warmup=0, baseline_steps=2,
-                       nti_inner_steps=1)
+    report = run_bench({}, runs=1, warmup=0, baseline_steps=2, nti_inner_steps=1, pipe=pipe)
     assert report["nfe"]["icd_p2p"] == 8
     assert set(report["times"]) == {"icd_p2p", "icd_prompt_switch", "icd_floor", "ddim_floor",
                                     "ddim_p2p", "npi_p2p", "nti_p2p"}

@@ -39,6 +39,7 @@ from ..device import add_device_arguments, configure_threads, resolve_device
 from ..editing import P2PSettings, baseline_edit, icd_edit, prompt_switch_edit
 from .fabricate import configs, fabricated_sources
 from .loading import LORA_RANK, TEACHER_COND_DIM, load_sd15_pipeline, lora_modules
+from .pipeline import AdapterView
 
 SOURCE = "a photo of a cat sitting on the grass"
 TARGET = "a photo of a tiger sitting on the grass"
@@ -163,14 +164,18 @@ def compile_pipeline(pipe) -> None:
 
 def run_bench(sources: dict, device="auto", runs: int = 5, warmup: int = 2,
               baseline_steps: int = 50, nti_inner_steps: int = 10, nti_runs: int = 1,
-              compile: bool = False, fuse: bool = True, release: str = "4step-v1") -> dict:
-    """Load, then time every editor on one image; returns the report (see module docstring)."""
-    device = resolve_device(device)
+              compile: bool = False, fuse: bool = True, release: str = "4step-v1",
+              pipe=None) -> dict:
+    """Load (or take ``pipe``, already loaded), then time every editor on one image; returns
+    the report (see the module docstring)."""
+    device = resolve_device(device) if pipe is None else pipe.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     begin = time.perf_counter()
-    pipe = load_sd15_pipeline(release, device=device, fuse=fuse, **sources)
+    if pipe is None:
+        pipe = load_sd15_pipeline(release, device=device, fuse=fuse, **sources)
+    fuse = not isinstance(pipe.forward_unet, AdapterView)
     report = {"device": str(device), "dtype": str(pipe.vae.dtype).split(".")[-1],
               "fused": fuse, "compiled": compile, "load_s": round(time.perf_counter() - begin, 2),
               "image_size": pipe.base.image_size, "boundaries": list(pipe.boundaries.reverse),

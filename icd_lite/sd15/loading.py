@@ -365,12 +365,13 @@ def load_sd15_pipeline(release: str | None = "4step-v1", base=SD15_MODEL_ID, tea
         raise ValueError(f"image_fit must be 'resize' or 'crop', got {image_fit!r}")
     device = resolve_device(device)
     dtype = sd15_dtype(device, dtype)
-    revisions = {name: revision or REVISIONS.get(str(name)) for name in (base, teacher, loras)}
-    forward_file, reverse_file = lora_files(loras, release, revisions[loras]
-                                            if isinstance(loras, (str, Path)) else None)
+    def revision_of(source):  # the pinned revision of a hub repository, None for local files
+        return revision or (REVISIONS.get(source) if isinstance(source, str) else None)
+
+    forward_file, reverse_file = lora_files(loras, release, revision_of(loras))
     boundaries = _pair_boundaries(forward_file, reverse_file, release, boundaries)
-    components = _load_sd15(base, dtype, revisions[base], with_unet=with_base_unet)
-    teacher_unet = load_teacher(teacher, base, revisions[teacher], torch.float32)
+    components = _load_sd15(base, dtype, revision_of(base), with_unet=with_base_unet)
+    teacher_unet = load_teacher(teacher, base, revision_of(teacher), torch.float32)
     states = [read_lora(path, teacher_unet, rank, targets) for path in (forward_file,
                                                                         reverse_file)]
     if fuse:  # in float32, then cast: the authors cast the LoRA to float16 before fusing
