@@ -31,8 +31,9 @@ the tokenizer made of it (``word_positions``), so the BPE pieces of "watercolor"
 
 Steps count P2P's way (``controlled_steps``): step i of n is controlled while
 ``i < int(fraction * n)``, so with iCD's 4 decoding steps cross 0.3 controls step 0 and self 0.6
-steps 0 and 1 (with 3 steps cross 0.3 controls none). Only the conditional network pass is controlled: the teacher baselines run the
-unconditional pass of CFG inside ``controller.paused()``; the iCD students have no such pass
+steps 0 and 1 (with 3 steps cross 0.3 controls none). Only the conditional network pass is
+controlled: the teacher baselines run the unconditional pass of CFG inside
+``controller.paused()``; the iCD students have no such pass
 (their guidance is an input embedding).
 
 ``attention_control(unet, controller)`` swaps every attention processor of a UNet for one that

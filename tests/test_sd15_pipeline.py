@@ -55,8 +55,9 @@ def test_the_tokenizer_is_a_clip_bpe_with_words_of_several_tokens(folder, tokeni
     assert tokens(tokenizer, "cat") == ["cat</w>"]
     for word in ("giraffe", "watercolor", "sunflowers"):
         assert len(tokens(tokenizer, word)) > 1, word
-    assert tokenizer("a cat").input_ids == [tokenizer.bos_token_id, *tokenizer.convert_tokens_to_ids(
-        ["a</w>", "cat</w>"]), tokenizer.eos_token_id]
+    words = tokenizer.convert_tokens_to_ids(["a</w>", "cat</w>"])
+    assert tokenizer("a cat").input_ids == [tokenizer.bos_token_id, *words,
+                                            tokenizer.eos_token_id]
 
 
 def test_encode_decode_generate_reconstruct_and_their_nfe(pipe, image):
@@ -95,7 +96,7 @@ def test_replace_spreads_a_source_word_over_the_target_words_tokens(tokenizer):
 
 def test_refine_aligns_words_and_new_words_keep_their_maps(tokenizer):
     mapper, aligned = attention_mapper(tokenizer, SOURCE, ADDED)  # words added: refine
-    tgt_spans, src_spans = word_spans(tokenizer, ADDED), word_spans(tokenizer, SOURCE)
+    tgt_spans = word_spans(tokenizer, ADDED)
     words = ADDED.split()
     new = {"watercolor", "with", "sunflowers"}
     for word, span in zip(words, tgt_spans):

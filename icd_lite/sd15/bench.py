@@ -12,10 +12,10 @@ In one process, on one 512x512 image (the VAE's size) and one prompt pair, it re
   counted from the modules, ``torch.cuda.memory_allocated`` after loading, and the peak of each
   editor (``torch.cuda.max_memory_allocated``, reset before each); plus the fused-vs-adapter
   table of the full architecture in float16, counted on the ``meta`` device;
-* ``--compile``: the same with ``torch.compile(mode="reduce-overhead")`` on the three UNets and
-  the VAE decoder (eager is the default). A P2P edit swaps attention processors, which makes
-  dynamo recompile, so the compiled figures are the floor and prompt-switch editing (8 NFE, no
-  P2P); the P2P edit is timed too and labelled.
+* ``--compile``: the same with ``torch.compile(mode="reduce-overhead")`` on the two student
+  UNets and the VAE decoder (eager is the default). A P2P edit installs new attention
+  processors on every call, which makes dynamo recompile (or fall back to eager), so the
+  compiled figures to read are the floor and prompt-switch editing (8 NFE, no P2P).
 
 Every time is the median of ``--runs`` runs after ``--warmup`` runs (NTI: ``--nti-runs``, no
 warm-up by default); CUDA is synchronised around each run. The JSON (``--out``) records the
@@ -156,8 +156,9 @@ def ddim_floor(pipe, steps: int = 50):
 
 
 def compile_pipeline(pipe) -> None:
-    """torch.compile(mode="reduce-overhead") on the UNets and the VAE decoder, in place."""
-    for module in (pipe.forward_unet, pipe.reverse_unet, pipe.base_unet, pipe.vae.decoder):
+    """torch.compile(mode="reduce-overhead") on the student UNets and the VAE decoder, in place
+    (the baselines' UNet stays eager: NTI differentiates through it)."""
+    for module in (pipe.forward_unet, pipe.reverse_unet, pipe.vae.decoder):
         if module is not None and isinstance(module, torch.nn.Module):
             module.compile(mode="reduce-overhead")
 
@@ -165,7 +166,7 @@ def compile_pipeline(pipe) -> None:
 def run_bench(sources: dict, device="auto", runs: int = 5, warmup: int = 2,
               baseline_steps: int = 50, nti_inner_steps: int = 10, nti_runs: int = 1,
               compile: bool = False, fuse: bool = True, release: str = "4step-v1",
-              pipe=None) -> dict:
+              pipe=None, baselines: bool = True) -> dict:
     """Load (or take ``pipe``, already loaded), then time every editor on one image; returns
     the report (see the module docstring)."""
     device = resolve_device(device) if pipe is None else pipe.device
@@ -197,9 +198,10 @@ def run_bench(sources: dict, device="auto", runs: int = 5, warmup: int = 2,
         "icd_prompt_switch": lambda: prompt_switch_edit(pipe, image, SOURCE, TARGET, W_ICD,
                                                         TAU),
         "icd_floor": icd_floor(pipe, image),
-        "ddim_floor": ddim_floor(pipe, baseline_steps),
     }
-    for method in ("ddim", "npi", "nti"):
+    if baselines:
+        editors["ddim_floor"] = ddim_floor(pipe, baseline_steps)
+    for method in ("ddim", "npi", "nti") if baselines else ():
         editors[f"{method}_p2p"] = (lambda m=method: baseline_edit(
             pipe.base, image, SOURCE, TARGET, m, W_TEACHER, baseline_steps, p2p, BLEND, AMPLIFY,
             nti_inner_steps))
@@ -262,6 +264,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nti-inner", type=int, default=10)
     parser.add_argument("--nti-runs", type=int, default=1)
     parser.add_argument("--adapters", action="store_true", help="peft adapters, not fused")
+    parser.add_argument("--skip-baselines", action="store_true",
+                        help="time iCD only (DDIM / NPI / NTI + P2P take minutes)")
     parser.add_argument("--compile", action="store_true",
                         help='torch.compile(mode="reduce-overhead") the UNets and VAE decoder')
     parser.add_argument("--out", default="build/bench/sd15.json")
@@ -277,7 +281,8 @@ def run_from_args(args) -> int:
         if getattr(args, name):
             sources[name] = getattr(args, name)
     report = run_bench(sources, args.device, args.runs, args.warmup, args.steps, args.nti_inner,
-                       args.nti_runs, args.compile, not args.adapters, args.release)
+                       args.nti_runs, args.compile, not args.adapters, args.release,
+                       baselines=not args.skip_baselines)
     report["architecture"] = architecture_table()
     print_report(report)
     out = Path(args.out)

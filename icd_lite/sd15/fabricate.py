@@ -14,10 +14,10 @@ and how the real ones are, so the loader cannot tell them apart::
 
 ``--size full`` is SD1.5's exact architecture (UNet 859.5 M parameters, VAE 83.7 M, text
 encoder 123.1 M; a GPU bench folder, ~4.5 GB in float16); ``--size tiny`` keeps every block type
-and the layer names the LoRAs target, with small widths, 128x128 images and 16x16 latents (a
-CPU test folder, ~15 MB, written in about two seconds). The tokenizer is a real CLIP BPE
-(``vocab.json`` + ``merges.txt`` in CLIP's format, ``</w>`` word ends) learnt here on a small
-word list, so that common words are one token and rarer ones ("watercolor", "sunflowers")
+and the layer names the LoRAs target, with small widths, 128x128 images and 16x16 latents (a CPU
+test folder, ~55 MB with all three releases, about five seconds of CPU). The tokenizer is a real
+CLIP BPE (``vocab.json`` + ``merges.txt`` in CLIP's format, ``</w>`` word ends) learnt here on a
+small word list, so that common words are one token and rarer ones ("watercolor", "sunflowers")
 several, as with OpenAI's vocabulary; transformers' ``CLIPTokenizer`` reads it.
 
     python -m icd_lite.sd15.fabricate OUT --size tiny|full [--seed 0]
