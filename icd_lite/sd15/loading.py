@@ -365,6 +365,7 @@ def load_sd15_pipeline(release: str | None = "4step-v1", base=SD15_MODEL_ID, tea
         raise ValueError(f"image_fit must be 'resize' or 'crop', got {image_fit!r}")
     device = resolve_device(device)
     dtype = sd15_dtype(device, dtype)
+
     def revision_of(source):  # the pinned revision of a hub repository, None for local files
         return revision or (REVISIONS.get(source) if isinstance(source, str) else None)
 
@@ -377,15 +378,7 @@ def load_sd15_pipeline(release: str | None = "4step-v1", base=SD15_MODEL_ID, tea
     # Copied and fused on the device, so the CPU holds one float32 teacher at most (3.4 GB, plus
     # 2.1 GB of float16 base modules: within Colab's 12.7 GB of RAM); the GPU holds two float32
     # UNets (6.9 GB) until the float16 cast. (Computed from the sizes, not measured here.)
-    teacher_unet.to(device)
-    if fuse:  # in float32, then cast: the authors cast the LoRA to float16 before fusing
-        forward_unet = fused_student(teacher_unet, *states[0], lora_alpha)
-        reverse_unet = fused_student(teacher_unet, *states[1], lora_alpha, copy_teacher=False)
-    else:
-        for (state, r), role in zip(states, ("forward", "reverse")):
-            add_lora(teacher_unet, state, ADAPTERS[role], r, lora_alpha)
-        forward_unet = AdapterView(teacher_unet, ADAPTERS["forward"])
-        reverse_unet = AdapterView(teacher_unet, ADAPTERS["reverse"])
+    forward_unet, reverse_unet = students(teacher_unet.to(device), states, lora_alpha, fuse)
     pipe = SD15Pipeline(forward_unet, reverse_unet, components.vae, components.text_encoder,
                         components.tokenizer, components.scheduler, boundaries.reverse,
                         boundaries.forward, "sd15", components.unet, release, image_fit)
@@ -397,6 +390,19 @@ def load_sd15_pipeline(release: str | None = "4step-v1", base=SD15_MODEL_ID, tea
                 module.to(dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def students(teacher: UNet2DConditionModel, states, alpha: float, fuse: bool = True):
+    """(forward UNet, reverse UNet) from the teacher and the two (state dict, rank) pairs: two
+    fused copies (the teacher itself becomes the reverse one), or two ``AdapterView``s of the
+    teacher holding both LoRAs as peft adapters. Fusing runs in the teacher's float32; the
+    authors cast the LoRA to float16 first."""
+    if fuse:
+        return (fused_student(teacher, *states[0], alpha),
+                fused_student(teacher, *states[1], alpha, copy_teacher=False))
+    for (state, rank), role in zip(states, ("forward", "reverse")):
+        add_lora(teacher, state, ADAPTERS[role], rank, alpha)
+    return AdapterView(teacher, ADAPTERS["forward"]), AdapterView(teacher, ADAPTERS["reverse"])
 
 
 def _pair_boundaries(forward_file, reverse_file, release, given) -> Boundaries:
