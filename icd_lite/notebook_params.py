@@ -104,7 +104,9 @@ def prepare(path: str | Path, out_dir: str | Path, notebooks=None) -> list[Path]
     """Write each notebook to ``out_dir`` with its parameters of ``path`` injected, unexecuted."""
     import papermill
 
-    message = check(path, notebooks)
+    # the file may hold sections and keys for notebooks not prepared now: check against all
+    everyone = sorted(set(default_notebooks()) | {Path(nb) for nb in notebooks or []})
+    message = check(path, everyone)
     if message:
         raise ValueError(message)
     params = read_params_file(path)

@@ -180,3 +180,11 @@ def test_prepare_injects_each_notebooks_parameters_without_running(tmp_path):
 
 def test_ci_parameters_file_is_valid():
     assert notebook_params.check(ROOT / "params" / "ci.yaml") is None
+
+
+def test_prepare_one_notebook_with_a_file_that_has_sections_for_the_others(tmp_path):
+    first, last = NOTEBOOKS[0], NOTEBOOKS[-1]
+    name = notebook_params.declared_parameters(first)[-1]
+    params = write_yaml(tmp_path, f"{first.stem}:\n  {name}: 7\n{last.stem}:\n  device: cpu\n")
+    (target,) = notebook_params.prepare(params, tmp_path / "out", [last])
+    assert target.name == last.name
