@@ -69,3 +69,15 @@ FIG4A_MSE = {0.0: 0.030, 0.2: 0.031, 0.4: 0.042, 0.6: 0.081, 0.8: 0.18, 1.0: 0.4
 # Figure 9 (right): human preference for iCD 8 steps against each editor, % (COCO, PieBench).
 FIG9_PREFERENCE = {"InfEdit 15": (56, 66), "Edit-friendly 50": (69, 63), "NPI 100": (72, 47),
                    "NTI 100": (63, 38), "Edit-friendly 164": (40, 37)}
+
+# --- notebook 06 (ablations) ---
+# Figure 5a: ImageReward against reconstruction MSE over the (tau1, tau2) of dynamic CFG at w = 8:
+# "tau1 >= 0.7 is a good trade-off", tau1 = tau2 (the step form) does as well as a ramp, and the
+# caption puts the best trade-off at tau1 = tau2 = 0.8 (the tau of Tables 1, 2 and 4).
+FIG5_W = 8.0
+FIG5_GOOD_TAU1 = 0.7
+FIG5_BEST_TAU = 0.8
+# The authors' Prompt-to-Prompt settings in their SD1.5 editing scripts (Figs. 9 and 12; method.md
+# section 5): cross- and self-attention injection over these fractions of the decoding steps,
+# reweighting of the changed words, and the local-blend threshold.
+P2P_AUTHORS = {"cross_fraction": 0.3, "self_fraction": 0.6, "amplify": 4.0, "blend_threshold": 0.3}
