@@ -252,3 +252,65 @@ def test_summarize_means_per_type_and_all():
     assert summary["all"]["attribute_ok"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="at least one row"):
         toybench.summarize([])
+
+
+# ------------------------------------------------------- notebook 05's editing helpers
+
+
+def test_wilson_interval_stays_in_the_unit_interval_and_is_not_empty_at_the_ends():
+    from icd_lite.experiments.editing_evaluation import wilson_interval
+
+    low, high = wilson_interval(0, 1)
+    assert low == 0.0 and 0.7 < high < 0.8           # one failure: anything up to ~0.79
+    low, high = wilson_interval(8, 8)
+    assert 0.6 < low < 0.7 and high == 1.0
+    low, high = wilson_interval(50, 100)
+    assert low == pytest.approx(1 - high) and 0.39 < low < 0.41
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_mean_interval_brackets_the_mean_and_skips_nan():
+    from icd_lite.experiments.editing_evaluation import mean_interval
+
+    mean, low, high = mean_interval([1.0, 2.0, 3.0, float("nan")])
+    assert mean == 2.0 and 1.0 <= low < mean < high <= 3.0
+    assert mean_interval([1.0, 2.0, 3.0]) == (mean, low, high)   # seeded
+    assert math.isnan(mean_interval([5.0])[1])
+
+
+def test_matched_p2p_controls_the_same_steps_with_three_and_four_steps():
+    from icd_lite.attention import controlled_steps
+    from icd_lite.experiments.editing_evaluation import matched_p2p
+
+    p2p = matched_p2p()
+    for fraction, steps in ((p2p.cross_fraction, 1), (p2p.self_fraction, 2)):
+        assert controlled_steps(fraction, 3) == controlled_steps(fraction, 4) == steps
+    # the default cross fraction 0.3 is the confound: 1 of 4 steps, none of 3
+    with pytest.raises(ValueError, match="0 of 3 steps but 1 of 4"):
+        matched_p2p(cross_fraction=0.3)
+
+
+def test_trace_icd_edit_is_icd_edit_with_its_states_kept():
+    from icd_lite import editing, load_components, load_pipeline
+    from icd_lite.experiments import editing_evaluation as ee
+
+    components = load_components("toy")
+    pipe = load_pipeline("G", components)
+    case = toybench.stratified_subset(toybench.load_toybench(), 1)[0]      # a colour edit
+    image, blend = case.source_image[None], ee.blend_words([case])
+    trace = ee.trace_icd_edit(pipe, image, case.source_prompt, case.target_prompt,
+                              blend_words=blend)
+    edit = editing.icd_edit(pipe, image, case.source_prompt, case.target_prompt, blend_words=blend)
+    assert torch.equal(trace.edit.images, edit.images)
+    assert torch.equal(trace.edit.reconstructions, edit.reconstructions)
+    assert len(trace.encoding) == len(trace.decoding) == 4 and trace.edit.nfe == edit.nfe == 8
+    first = trace.decoding[0]
+    assert first["cross"] and first["self"] and not trace.decoding[-1]["cross"]
+    assert first["x0_hat"].shape == (2, 4, 8, 8) and first["maps"].shape[:2] == (2, 20)
+    mask = first["mask"]
+    assert mask.shape == (1, 1, 8, 8) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    # replace + reweight at step 1: the changed word's map is the source word's times amplify
+    (src_tokens, tgt_tokens), amplify = trace.tokens, editing.P2PSettings().amplify
+    j = next(i for i, (a, b) in enumerate(zip(src_tokens, tgt_tokens)) if a[0] != b[0])
+    assert torch.allclose(first["maps"][1, tgt_tokens[j][1]],
+                          amplify * first["maps"][0, src_tokens[j][1]])

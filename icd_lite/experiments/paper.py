@@ -70,6 +70,11 @@ FIG4A_MSE = {0.0: 0.030, 0.2: 0.031, 0.4: 0.042, 0.6: 0.081, 0.8: 0.18, 1.0: 0.4
 FIG9_PREFERENCE = {"InfEdit 15": (56, 66), "Edit-friendly 50": (69, 63), "NPI 100": (72, 47),
                    "NTI 100": (63, 38), "Edit-friendly 164": (40, 37)}
 
+# --- notebook 05 (editing) -------------------------------------------------------------------
+# Network passes (NFE) per edit as the paper labels its editors: iCD "4 + 4 = 8" and "3 + 4,
+# around 7" (section 5 / title), the baselines' labels of Fig. 9 (NPI 100, NTI 100 = 50 + 50).
+EDIT_NFE = {"iCD 4 steps": 8, "iCD 3 steps": 7, "NPI": 100, "NTI": 100}
+
 # --- notebook 06 (ablations) ---
 # Figure 5a: ImageReward against reconstruction MSE over the (tau1, tau2) of dynamic CFG at w = 8:
 # "tau1 >= 0.7 is a good trade-off", tau1 = tau2 (the step form) does as well as a ramp, and the
