@@ -29,8 +29,8 @@ def defaults(notebook: Path) -> dict:
             if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)}
 
 
-def test_the_five_notebooks_are_found():
-    assert [nb.name[:2] for nb in NOTEBOOKS] == ["01", "02", "03", "04", "05"]
+def test_the_six_notebooks_of_the_course_are_found():
+    assert [nb.name[:2] for nb in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
     assert notebook_params.default_notebooks() == NOTEBOOKS
 
 
