@@ -20,7 +20,7 @@ STAMP     := $(VENV)/.icd-lite-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv figures report test gpu-check train train-world train-students lock clean
+.PHONY: venv figures report test gpu-check sd15-bench train train-world train-students lock clean
 
 venv: $(STAMP)
 
@@ -62,6 +62,14 @@ test: $(STAMP)
 # for a CUDA machine.
 gpu-check: $(STAMP)
 	bash tools/gpu_check.sh
+
+# The SD1.5 speed and memory bench (issue 20), for a CUDA machine (TORCH_SPEC="torch"): writes
+# SD1.5's full-size architecture with random weights (~4.5 GB, build/sd15-bench/model, once), then
+# times one 512x512 edit, iCD against DDIM50 / NPI / NTI + P2P: eager with fused students, as peft
+# adapters, and compiled; reports and JSON in build/sd15-bench/. The real files instead:
+# make sd15-bench SD15_BENCH_ARGS="--base DIR --teacher DIR --loras DIR" (see the script's header).
+sd15-bench: $(STAMP)
+	bash tools/sd15_gpu_bench.sh
 
 # Re-pin requirements/lock.txt from the current environment (after changing pyproject.toml):
 # the runtime dependencies and both extras.

@@ -1,4 +1,5 @@
-"""Benchmarks that print figures: ``python -m icd_lite.bench world | inversion | editing``.
+"""Benchmarks that print figures: ``python -m icd_lite.bench world | inversion | editing | sd15 |
+pie``.
 
 ``world`` measures the shipped toy world against its quality bars and writes
 ``build/bench/world.json``:
@@ -26,6 +27,21 @@ each saw), attribute
 accuracy per edit type, and seconds / NFE per edit, one edit at a time, as ratios to iCD, with
 iCD's wall time against the bare cost of its network evaluations. Writes
 ``build/bench/editing.json``.
+
+``sd15`` (its own options: ``python -m icd_lite.bench sd15 --help``, module
+``icd_lite.sd15.bench``) times one 512x512 edit at SD1.5 scale: iCD (8 NFE) against DDIM50 /
+NPI / NTI + P2P, iCD's wall time over the bare cost of its UNet passes, peak GPU memory; on a
+folder written by ``python -m icd_lite.sd15.fabricate`` or on the real files
+(``tools/sd15_gpu_bench.sh``, ``make sd15-bench``).
+
+``pie`` runs every editor (iCD + P2P, DDIM50 / NPI / NTI + P2P, iCD's benchmark settings) on
+PIE-Bench at SD1.5 scale and writes PnPInversion's and iCD's metric tables, kept apart
+(``icd_lite.experiments.pie_run``)::
+
+    python -m icd_lite.bench pie --data DIR --preset sd15 [--subset all|icd140|icd420]
+        [--out DIR] [--editors icd,ddim,npi,nti] [--limit N] [--image-reward] [--no-lpips]
+        [--release R | --release none --cond-proj DIR] [--model DIR | --base --teacher --loras]
+        [--clip ID --dino ID --dinov2 ID] [--device D]
 
 ``--device`` (default auto: CUDA when available, else the CPU) picks where the models run; the
 seeded noise is drawn on the CPU either way, so a seed gives the same samples on both, within
@@ -179,17 +195,118 @@ def print_editing(results: dict) -> None:
           f"{icd['overhead_ratio']:.2f}x (target <= 1.5x)")
 
 
-def main(argv=None) -> None:
+def pie_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m icd_lite.bench pie``."""
+    from .experiments.pie_run import BASELINE_STEPS, EDITORS, NTI_INNER_STEPS
+    from .sd15.loading import RELEASES
+
+    parser = argparse.ArgumentParser(
+        prog="python -m icd_lite.bench pie",
+        description="Every editor on PIE-Bench at SD1.5 scale; PnPInversion's and iCD's "
+                    "metric tables (icd_lite.experiments.pie_run).")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="the PIE-Bench folder (mapping_file.json, annotation_images/)")
+    parser.add_argument("--preset", choices=["sd15"], default="sd15",
+                        help="sd15 only: the toy world's benchmark is python -m icd_lite.bench "
+                             "editing (ToyBench)")
+    parser.add_argument("--subset", choices=["all", "icd140", "icd420"], default="icd140",
+                        help="all 700, iCD's 140 (type 0) or 420 (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("build/pie-bench"), metavar="DIR",
+                        help="edits, CSVs and tables (default: %(default)s; reruns resume)")
+    parser.add_argument("--editors", default=",".join(EDITORS),
+                        help="comma-separated, from %(default)s")
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="only the first N images of the subset (a quick run)")
+    parser.add_argument("--image-reward", action="store_true",
+                        help="score ImageReward too (needs the optional image-reward package)")
+    parser.add_argument("--no-lpips", action="store_true",
+                        help="leave PnP's LPIPS column empty (LPIPS needs torchvision)")
+    for name, default in (("clip", "openai/clip-vit-large-patch14"),
+                          ("dino", "facebook/dino-vitb8"), ("dinov2", "facebook/dinov2-base")):
+        parser.add_argument(f"--{name}", default=None, metavar="ID_OR_DIR",
+                            help=f"metric model, hub id or local folder (default {default})")
+    parser.add_argument("--release", choices=[*RELEASES, "none"], default="4step-v1",
+                        help="the LoRA release; none: LoRAs you distilled (rank read from "
+                             "the files)")
+    parser.add_argument("--model", help="a folder written by python -m icd_lite.sd15.fabricate")
+    parser.add_argument("--base", help="SD1.5 (hub id or folder)")
+    parser.add_argument("--teacher", help="CFG-distilled teacher (hub id, folder or .pt)")
+    parser.add_argument("--loras", help="LoRA repository or folder")
+    parser.add_argument("--cond-proj", help="for LoRAs distilled with a real-CFG teacher: "
+                        "their cond_proj.safetensors or training output folder")
+    parser.add_argument("--lora-alpha", type=float, default=8.0,
+                        help="the LoRAs' alpha (the release: %(default)s)")
+    parser.add_argument("--steps", type=int, default=BASELINE_STEPS,
+                        help="the baselines' DDIM steps (default: %(default)s)")
+    parser.add_argument("--nti-inner", type=int, default=NTI_INNER_STEPS,
+                        help="NTI's Adam steps per timestep (default: %(default)s)")
+    add_device_arguments(parser)
+    return parser
+
+
+def pie_sources(args) -> dict:
+    """The keyword arguments of ``load_sd15_pipeline`` from the parsed options."""
+    from .sd15.fabricate import fabricated_sources
+
+    sources = fabricated_sources(args.model) if args.model else {}
+    for name in ("base", "teacher", "loras", "cond_proj"):
+        if getattr(args, name):
+            sources[name] = getattr(args, name)
+    if args.cond_proj:  # plain SD1.5 under the students: a --model folder's teacher is not read
+        sources.pop("teacher", None)
+    release = None if args.release == "none" else args.release
+    return {**sources, "release": release, "lora_alpha": args.lora_alpha,
+            **({"rank": None} if release is None else {})}
+
+
+def pie_main(argv) -> int:
+    """Parse and check the options (one-line errors, exit status 2), load the PIE-Bench items,
+    then ``pie_run.run_command``."""
+    from .experiments import pie_run
+
+    parser = pie_parser()
+    args = parser.parse_args(argv)
+    editors = [name.strip() for name in args.editors.split(",") if name.strip()]
+    unknown = [name for name in editors if name not in pie_run.EDITORS]
+    if unknown or not editors:
+        parser.error(f"--editors: unknown editor {unknown[0] if unknown else '(none)'!r}; "
+                     f"choose from {','.join(pie_run.EDITORS)}")
+    for name in ("limit", "steps", "nti_inner"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "nti_inner" else 1):
+            parser.error(f"--{name.replace('_', '-')} must be at least "
+                         f"{0 if name == 'nti_inner' else 1}, got {value}")
+    if args.cond_proj and args.teacher:
+        parser.error("--cond-proj loads LoRAs distilled with a real-CFG teacher onto plain "
+                     "SD1.5: drop --teacher")
+    try:
+        device = resolve_device(args.device)
+        configure_threads(device, args.threads)
+        items = pie_run.load_items(args.data, args.subset, args.limit)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    metric_models = {"clip": args.clip, "dino": args.dino, "dinov2": args.dinov2,
+                     "image_reward": args.image_reward, "lpips": not args.no_lpips}
+    pie_run.run_command(items, args.out, pie_sources(args), editors, device, args.steps,
+                        args.nti_inner, metric_models)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv=None) -> int | None:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["sd15"]:  # SD1.5 scale, its own options: python -m icd_lite.sd15.bench
         from .sd15.bench import main as sd15_main
 
         return sd15_main(argv[1:])
+    if argv[:1] == ["pie"]:  # PIE-Bench at SD1.5 scale, its own options
+        return pie_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m icd_lite.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["world", "inversion", "editing", "sd15"],
-                        help="sd15: seconds and memory per 512x512 edit, see "
-                             "python -m icd_lite.sd15.bench --help")
+    parser.add_argument("suite", choices=["world", "inversion", "editing", "sd15", "pie"],
+                        help="sd15: seconds and memory per 512x512 edit (python -m "
+                             "icd_lite.bench sd15 --help); pie: PIE-Bench tables (python -m "
+                             "icd_lite.bench pie --help)")
     parser.add_argument("--n", type=int, default=None,
                         help="images / prompts per measurement (world: 500, inversion: 200; "
                              "editing: cases per edit type, default all 50)")
@@ -228,4 +345,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())  # sd15 and pie return their exit status

@@ -1,6 +1,7 @@
 """icd_lite.sd15.train on tiny SD1.5-type components (CPU): training lowers the pair's
 reconstruction error, a resumed run equals an uninterrupted one, two accelerate processes equal
-one, the output loads back (our loader and the SD1.5 loader), and bad data fails in one line."""
+one, the output loads back (our loader and the SD1.5 loader, for a CFG-distilled and a real-CFG
+teacher), and bad data fails in one line."""
 
 import json
 
@@ -92,6 +93,52 @@ def test_a_few_steps_lower_the_reconstruction_error_and_the_pair_loads_back(worl
             expected = students[role](z, torch.full((2,), 519), None, cond, torch.full((2,), w))
             got = _student_eps(load_student_unet(out, role, teacher), z, cond, w)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def _max_weight_difference(a, b) -> float:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    return max((sa[k].float() - sb[k].float()).abs().max().item() for k in sa)
+
+
+def test_a_real_cfg_pair_loads_through_the_sd15_loader(world, tmp_path):
+    """One iteration with the plain UNet as teacher (real CFG, trained reverse projection):
+    ``load_sd15_pipeline(cond_proj=...)`` gives the trained students (outputs within 1e-5) and
+    the same UNets as ``load_student_unet`` (weights within 1e-5); the guard, a wrong shape
+    and a missing file fail in one line."""
+    from safetensors.torch import save_file
+
+    from icd_lite.sd15.loading import LoRAFileError, load_sd15_pipeline
+
+    unet, cache = _cache(world, tmp_path / "latents")
+    config = TrainConfig(steps=1, batch=2, micro_batch=2, lr=3e-3, lora_rank=4, lora_alpha=4,
+                         eval_every=0, save_every=1, gradient_checkpointing=False)
+    out = tmp_path / "out"
+    students, _ = train(_accelerator(), unet, cache, config, out)
+    assert students["reverse"].unet.time_embedding.cond_proj.weight.abs().max() > 0
+    options = dict(base=world[0], loras=out, device="cpu", rank=None, lora_alpha=4)
+    pipe = load_sd15_pipeline(None, cond_proj=out, **options)
+    assert pipe.base_unet.config.time_cond_proj_dim is None  # plain SD1.5 for the baselines
+    plain = load_models(world[0])[3]
+    z, cond = cache.get([0, 1])
+    for role, w in (("forward", 0.0), ("reverse", 7.0)):
+        loaded = getattr(pipe, f"{role}_unet")
+        assert _max_weight_difference(loaded, load_student_unet(out, role, plain)) <= 1e-5
+        with torch.no_grad():
+            expected = students[role](z, torch.full((2,), 519), None, cond, torch.full((2,), w))
+            got = _student_eps(loaded, z, cond, w)
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert not pipe.forward_unet.time_embedding.cond_proj.weight.any()
+    with pytest.raises(LoRAFileError, match="real-CFG teacher.*pass cond_proj="):
+        load_sd15_pipeline(None, teacher=world[0] / "teacher", **options)
+    with pytest.raises(ValueError, match="pass no teacher"):
+        load_sd15_pipeline(None, teacher=world[0] / "teacher", cond_proj=out, **options)
+    bad = tmp_path / "bad.safetensors"
+    save_file({"reverse.time_embedding.cond_proj.weight": torch.zeros(8, 512)}, str(bad))
+    with pytest.raises(LoRAFileError, match=r"shape \[8, 512\].*is \[8, 16\]"):
+        load_sd15_pipeline(None, cond_proj=bad, **options)
+    with pytest.raises(FileNotFoundError, match="no guidance projection at"):
+        load_sd15_pipeline(None, cond_proj=tmp_path / "missing.safetensors", **options)
 
 
 def test_a_resumed_run_equals_an_uninterrupted_one(world, tmp_path):

@@ -2,6 +2,7 @@
 # The SD1.5 speed and memory bench of issue 20 on a CUDA GPU, at full size on random weights.
 #
 #   bash tools/sd15_gpu_bench.sh        # from the repository root, CUDA build of torch
+#   make sd15-bench                     # the same
 #
 # Parts (SD15_BENCH_PARTS, default "fabricate eager adapters compile"):
 #   fabricate  python -m icd_lite.sd15.fabricate $OUT/model --size full (SD1.5's architecture,
@@ -28,7 +29,11 @@ MODEL_ARGS="${SD15_BENCH_ARGS:---model $OUT/model}"
 part() { [[ " $PARTS " == *" $1 "* ]]; }
 
 if part fabricate && [ ! -f "$OUT/model/model_index.json" ]; then
-  /usr/bin/time -f "fabricate: %e s, %M KB" "$PY" -m icd_lite.sd15.fabricate "$OUT/model" --size full
+  if [ -x /usr/bin/time ]; then  # GNU time also reports the peak memory; not every image has it
+    /usr/bin/time -f "fabricate: %e s, %M KB" "$PY" -m icd_lite.sd15.fabricate "$OUT/model" --size full
+  else
+    time "$PY" -m icd_lite.sd15.fabricate "$OUT/model" --size full
+  fi
 fi
 if part eager; then
   "$PY" -m icd_lite.bench sd15 $MODEL_ARGS --device "$DEVICE" --runs "$RUNS" \

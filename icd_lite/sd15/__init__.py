@@ -1,7 +1,8 @@
 """Stable Diffusion 1.5 scale: loading iCD checkpoints, metrics and experiments at full size.
 
 * ``loading``   - ``load_sd15_pipeline``: base SD1.5, CFG-distilled teacher, a release's LoRAs
-                  (checked, alpha 8 supplied, fused or as peft adapters); ``RELEASES``
+                  (checked, alpha 8 supplied, fused or as peft adapters); ``RELEASES``; pairs
+                  you distilled with a real-CFG teacher through ``cond_proj=``
 * ``pipeline``  - ``SD15Pipeline``: an ``ICDPipeline`` whose ``base`` carries plain SD1.5's UNet
                   for the DDIM / NPI / NTI baselines
 * ``fabricate`` - ``python -m icd_lite.sd15.fabricate OUT --size tiny|full``: SD1.5's layout
@@ -19,7 +20,8 @@ The names below load on first use, so that ``import icd_lite.sd15.metrics`` stay
 """
 
 _LAZY = {"load_sd15_pipeline": "loading", "load_teacher": "loading", "read_lora": "loading",
-         "boundaries_from_names": "loading", "LoRAFileError": "loading", "Release": "loading",
+         "boundaries_from_names": "loading", "LoRAFileError": "loading",
+         "read_cond_proj": "loading", "Release": "loading",
          "RELEASES": "loading", "LORA_ALPHA": "loading", "LORA_RANK": "loading",
          "SD15Pipeline": "pipeline", "AdapterView": "pipeline",
          "fabricate_model": "fabricate", "fabricated_sources": "fabricate"}

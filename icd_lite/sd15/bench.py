@@ -272,7 +272,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_from_args(args) -> int:
-    configure_threads(args.device, args.threads)
+    try:
+        configure_threads(args.device, args.threads)
+    except ValueError as error:  # e.g. --device cuda without a CUDA GPU: one line, no traceback
+        print(f"python -m icd_lite.bench sd15: error: {error}", file=sys.stderr)
+        return 2
     if args.model:
         sources = fabricated_sources(args.model)
     else:

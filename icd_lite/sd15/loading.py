@@ -3,8 +3,9 @@ r"""Load iCD for Stable Diffusion 1.5 from the authors' released files (or from 
 What the authors released (``../shared/sd15_facts.md`` sections 1.1-1.4, the official repository
 yandex-research/invertible-cd, ``utils/loading.py``):
 
-* a **CFG-distilled teacher**, SD1.5's UNet plus ``time_embedding.cond_proj`` (Linear 512 -> 1280,
-  ``time_cond_proj_dim = 512``): one pass predicts the guided eps for the w it is given as an
+* a **CFG-distilled teacher**, SD1.5's UNet plus ``time_embedding.cond_proj`` (Linear 512 -> 320,
+  no bias, ``time_cond_proj_dim = 512``; its output is added to the 320-wide sinusoidal timestep
+  projection): one pass predicts the guided eps for the w it is given as an
   embedding (hub ``dbaranchuk/sd15-cfg-distill-unet``, or the ``sd15_cfg_distill.pt`` state dict);
 * per release, a **forward** (encoder, fCD_m) and a **reverse** (decoder, CD_m) LoRA on that
   teacher, as safetensors with peft's key layout
@@ -40,6 +41,19 @@ pass, and switch adapters on every call (at the tiny fabricated size on a CPU a 
 340 ms with adapters against 148 ms fused, median of 30 after 3 warm-up; not yet measured on a
 GPU); both fit a 16 GB T4 with room to spare, so the fused students are the default.
 
+**Pairs you distilled with a real-CFG teacher** (``python -m icd_lite.sd15.train`` without
+``--teacher``) have no CFG-distilled teacher under them: each student is the *plain* SD1.5 UNet
+extended with a zero ``time_embedding.cond_proj`` (``students.student_from_teacher``:
+``time_cond_proj_dim`` 512 on SD1.5), the reverse one's projection trained and saved in
+``cond_proj.safetensors`` (key ``reverse.time_embedding.cond_proj.weight``, [320, 512]), the
+forward one's left at zero (it only ever sees w = 0). Load them with ``cond_proj=``::
+
+    load_sd15_pipeline(None, base=SD15, loras=OUT, cond_proj=OUT, rank=None, lora_alpha=8)
+
+``cond_proj`` is the file or the training output folder; ``teacher`` is then not read. A LoRA
+folder whose ``icd_lora.json`` lists a ``cond_proj`` file is refused without ``cond_proj=`` (those
+LoRAs on the distilled teacher would be another model, silently).
+
 Guidance units, as everywhere in icd_lite: the pipeline and the editors take the *classical* w
 (1 = unguided); the students receive ``w_code = w - 1`` through the embedding. The authors'
 editing scripts pass 19 in the code's unit, i.e. ``icd_edit(pipe, ..., w=20.0, tau=0.8)``.
@@ -72,6 +86,9 @@ LORA_RANK = 64
 LORA_ALPHA = 8.0  # peft's default lora_alpha, which the authors' training script kept
 TEACHER_COND_DIM = 512  # time_cond_proj_dim of the CFG-distilled teacher
 ENCODE_START = 19  # the encoder's first timestep (the clean latent is noised to t = 19)
+COND_PROJ_FILE = "cond_proj.safetensors"  # written by icd_lite.sd15.train (real-CFG teacher)
+COND_PROJ_KEY = "{role}.time_embedding.cond_proj.weight"  # role: "forward" or "reverse"
+LORA_INFO_FILE = "icd_lora.json"  # written by icd_lite.sd15.train beside the LoRA files
 ADAPTERS = {"forward": "icd_forward", "reverse": "icd_reverse"}  # "forward" is nn.Module's
 
 
@@ -254,6 +271,71 @@ def fused_student(teacher: UNet2DConditionModel, state, rank: int, alpha: float,
     return unet
 
 
+# -- a guidance projection of your own (pairs distilled with a real-CFG teacher) -------------
+def read_cond_proj(path, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+    """{role: weight} of a trained ``time_embedding.cond_proj`` (``icd_lite.sd15.train``).
+
+    ``path``: the ``cond_proj.safetensors`` file or the training output folder holding it.
+    ``shape``: the projection's weight shape in the students ([320, 512] on SD1.5: Linear 512 ->
+    320, no bias). The file must hold ``reverse.time_embedding.cond_proj.weight`` and may hold
+    ``forward.…`` (absent: that student's projection stays zero). Raises FileNotFoundError (no
+    such file) and LoRAFileError (a missing, an unexpected key, a wrong shape), one line each."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / COND_PROJ_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no guidance projection at {path}: pass the {COND_PROJ_FILE} "
+                                f"that python -m icd_lite.sd15.train wrote (or its folder)")
+    state = load_file(str(path))
+    keys = {role: COND_PROJ_KEY.format(role=role) for role in ("forward", "reverse")}
+    unexpected = sorted(set(state) - set(keys.values()))
+    if keys["reverse"] not in state or unexpected:
+        what = f"unexpected key {unexpected[0]!r}" if unexpected else f"no {keys['reverse']!r}"
+        raise LoRAFileError(f"{path.name}: {what}; a trained projection file holds "
+                            f"{keys['reverse']} (and optionally the forward one)")
+    for key, weight in state.items():
+        if tuple(weight.shape) != tuple(shape):
+            raise LoRAFileError(f"{path.name}: {key} has shape {list(weight.shape)}, but this "
+                                f"UNet's projection is {list(shape)} (Linear {shape[1]} -> "
+                                f"{shape[0]}); pass the projection trained on this base model")
+    return {role: state[key] for role, key in keys.items() if key in state}
+
+
+def projected_unet(base_unet: UNet2DConditionModel, weight: torch.Tensor | None
+                   ) -> UNet2DConditionModel:
+    """A copy of the plain UNet with a guidance projection (``time_cond_proj_dim`` 512 on SD1.5):
+    zero (``students.student_from_teacher``), then ``weight`` copied in if given. Float32."""
+    from ..students import student_from_teacher
+
+    unet = student_from_teacher(base_unet).unet
+    if weight is not None:
+        unet.time_embedding.cond_proj.weight.data.copy_(weight)
+    return unet
+
+
+def cond_proj_shape(base_unet: UNet2DConditionModel) -> tuple[int, int]:
+    """The weight shape of the projection ``students.student_from_teacher`` adds to this UNet:
+    (width of the sinusoidal timestep projection = first block width, its default
+    time_cond_proj_dim = min(512, 2 x that width)) = (320, 512) on SD1.5."""
+    width = base_unet.config.block_out_channels[0]
+    return (width, min(512, 2 * width))
+
+
+def check_lora_info(loras, cond_proj) -> None:
+    """LoRAFileError when a LoRA folder's ``icd_lora.json`` says the pair was distilled with a
+    real-CFG teacher (it lists a cond_proj file) but no ``cond_proj`` was given."""
+    import json
+
+    info_path = Path(loras) / LORA_INFO_FILE if not isinstance(loras, (tuple, list)) else None
+    if cond_proj is None and info_path is not None and info_path.is_file():
+        if "cond_proj" in json.loads(info_path.read_text()).get("files", {}):
+            raise LoRAFileError(f"{loras}: these LoRAs were distilled with a real-CFG teacher "
+                                f"({LORA_INFO_FILE} lists a trained cond_proj); pass "
+                                f"cond_proj={str(loras)!r} and no teacher")
+
+
 # -- the teacher and the sources -------------------------------------------------------------
 def load_teacher(teacher, base=SD15_MODEL_ID, revision: str | None = None,
                  dtype: torch.dtype = torch.float32) -> UNet2DConditionModel:
@@ -330,12 +412,13 @@ def lora_files(loras, release: str | None, revision: str | None = None) -> tuple
 
 
 # -- the pipeline ----------------------------------------------------------------------------
-def load_sd15_pipeline(release: str | None = "4step-v1", base=SD15_MODEL_ID, teacher=TEACHER_REPO,
+def load_sd15_pipeline(release: str | None = "4step-v1", base=SD15_MODEL_ID, teacher=None,
                        loras=LORA_REPO, device="auto", dtype: torch.dtype | None = None,
                        revision: str | None = None, fuse: bool = True,
                        lora_alpha: float | None = LORA_ALPHA, rank: int | None = LORA_RANK,
                        boundaries: Boundaries | None = None, targets=SD15_LORA_TARGETS,
-                       with_base_unet: bool = True, image_fit: str = "resize") -> SD15Pipeline:
+                       with_base_unet: bool = True, image_fit: str = "resize",
+                       cond_proj=None) -> SD15Pipeline:
     """iCD on Stable Diffusion 1.5: the authors' (or your) students, ready to encode and edit.
 
     * ``release``: "4step-v1" (the SD1.5 paper's), "4step-v2", "3step" (``RELEASES``), or None
@@ -343,8 +426,14 @@ def load_sd15_pipeline(release: str | None = "4step-v1", base=SD15_MODEL_ID, tea
       the names or is given).
     * ``base``: SD1.5 (hub id or local folder): VAE, text encoder, tokenizer and the plain UNet
       of the teacher baselines (``with_base_unet=False`` skips it: 1.72 GB less in float16).
-    * ``teacher``: the CFG-distilled UNet: hub id, diffusers folder, or ``.pt`` state dict.
+    * ``teacher``: the CFG-distilled UNet: hub id, diffusers folder, or ``.pt`` state dict
+      (default None: ``TEACHER_REPO``; not read with ``cond_proj``).
     * ``loras``: hub repository, folder, or ``(forward_file, reverse_file)``.
+    * ``cond_proj``: for a pair distilled with a real-CFG teacher (see the module doc): its
+      ``cond_proj.safetensors`` or the folder holding it. Both students then start from the
+      plain UNet of ``base`` with a zero guidance projection, the file's projection goes into
+      the reverse one, then each LoRA is fused. Needs ``fuse=True`` (the two students differ
+      beyond their LoRAs) and no ``teacher``.
     * ``device``: "auto" (CUDA when available), "cpu", "cuda"...; ``dtype``: None = float16
       on CUDA, float32 on the CPU (float16 on the CPU is refused).
     * ``revision``: of the hub repositories (default ``REVISIONS``); ``fuse``: fuse the LoRAs
@@ -356,7 +445,9 @@ def load_sd15_pipeline(release: str | None = "4step-v1", base=SD15_MODEL_ID, tea
     ``reconstruct`` with classical w (the paper's edit: ``icd_edit(pipe, ..., w=20.0,
     tau=0.8)``, the authors' 19 in the code unit), and ``pipe.base`` for the baselines.
     Raises LoRAFileError (wrong prefix, missing key, wrong rank, missing alpha, boundaries
-    mismatch), ValueError (unknown release, float16 on the CPU), OSError (hub unreachable).
+    mismatch; a projection file with a wrong key or shape), FileNotFoundError (no projection
+    file), ValueError (unknown release, float16 on the CPU, ``cond_proj`` with a teacher or
+    with ``fuse=False``), OSError (hub unreachable).
     """
     if release is not None and release not in RELEASES:
         raise ValueError(f"unknown release {release!r}; choose one of {', '.join(RELEASES)}, or "
@@ -364,6 +455,11 @@ def load_sd15_pipeline(release: str | None = "4step-v1", base=SD15_MODEL_ID, tea
     check_alpha(lora_alpha)  # before any loading
     if image_fit not in ("resize", "crop"):
         raise ValueError(f"image_fit must be 'resize' or 'crop', got {image_fit!r}")
+    if cond_proj is not None and (teacher is not None or not fuse):
+        raise ValueError("cond_proj= loads a pair distilled with a real-CFG teacher onto plain "
+                         "SD1.5: pass no teacher, and keep fuse=True (the two students differ "
+                         "in their projection, so they cannot share one UNet as adapters)")
+    check_lora_info(loras, cond_proj)
     device = resolve_device(device)
     dtype = sd15_dtype(device, dtype)
 
@@ -372,18 +468,30 @@ def load_sd15_pipeline(release: str | None = "4step-v1", base=SD15_MODEL_ID, tea
 
     forward_file, reverse_file = lora_files(loras, release, revision_of(loras))
     boundaries = _pair_boundaries(forward_file, reverse_file, release, boundaries)
-    components = _load_sd15(base, dtype, revision_of(base), with_unet=with_base_unet)
-    teacher_unet = load_teacher(teacher, base, revision_of(teacher), torch.float32)
-    states = [read_lora(path, teacher_unet, rank, targets) for path in (forward_file,
-                                                                        reverse_file)]
-    # Copied and fused on the device, so the CPU holds one float32 teacher at most (3.4 GB, plus
-    # 2.1 GB of float16 base modules: within Colab's 12.7 GB of RAM); the GPU holds two float32
-    # UNets (6.9 GB) until the float16 cast. (Computed from the sizes, not measured here.)
-    forward_unet, reverse_unet = students(teacher_unet.to(device), states, lora_alpha, fuse)
+    if cond_proj is None:
+        components = _load_sd15(base, dtype, revision_of(base), with_unet=with_base_unet)
+        teacher = TEACHER_REPO if teacher is None else teacher
+        teacher_unet = load_teacher(teacher, base, revision_of(teacher), torch.float32)
+        states = [read_lora(path, teacher_unet, rank, targets) for path in (forward_file,
+                                                                            reverse_file)]
+        # Copied and fused on the device, so the CPU holds one float32 teacher at most (3.4 GB,
+        # plus 2.1 GB of float16 base modules: within Colab's 12.7 GB of RAM); the GPU holds two
+        # float32 UNets (6.9 GB) until the float16 cast. (Computed from the sizes, not measured.)
+        forward_unet, reverse_unet = students(teacher_unet.to(device), states, lora_alpha, fuse)
+        base_unet = components.unet
+    else:  # a real-CFG pair: the plain UNet is the students' start and the baselines' teacher
+        # float32 on the device until the cast below: three UNets, 10.3 GB on SD1.5 (computed)
+        components = _load_sd15(base, dtype, revision_of(base), with_unet=False)
+        plain = UNet2DConditionModel.from_pretrained(
+            str(base), subfolder="unet", revision=revision_of(base), torch_dtype=torch.float32)
+        forward_unet, reverse_unet = real_cfg_students(
+            plain.to(device), read_cond_proj(cond_proj, cond_proj_shape(plain)),
+            (forward_file, reverse_file), lora_alpha, rank, targets)
+        base_unet = plain if with_base_unet else None
     pipe = SD15Pipeline(forward_unet, reverse_unet, components.vae, components.text_encoder,
                         components.tokenizer, components.scheduler, boundaries.reverse,
-                        boundaries.forward, "sd15", components.unet, release, image_fit)
-    for module in (forward_unet, reverse_unet, components.unet, components.vae,
+                        boundaries.forward, "sd15", base_unet, release, image_fit)
+    for module in (forward_unet, reverse_unet, base_unet, components.vae,
                    components.text_encoder):
         if module is not None:
             module.to(device).eval().requires_grad_(False)
@@ -404,6 +512,19 @@ def students(teacher: UNet2DConditionModel, states, alpha: float, fuse: bool = T
     for (state, rank), role in zip(states, ("forward", "reverse")):
         add_lora(teacher, state, ADAPTERS[role], rank, alpha)
     return AdapterView(teacher, ADAPTERS["forward"]), AdapterView(teacher, ADAPTERS["reverse"])
+
+
+def real_cfg_students(plain: UNet2DConditionModel, projections: dict, files, alpha: float,
+                      rank: int | None = LORA_RANK, targets=SD15_LORA_TARGETS):
+    """(forward UNet, reverse UNet) of a pair distilled with a real-CFG teacher: per role, a copy
+    of the plain UNet with a guidance projection (``projections[role]``, zero when absent), the
+    LoRA file ``files[role]`` read against it and fused (float32, on the plain UNet's device)."""
+    unets = []
+    for role, path in zip(("forward", "reverse"), files):
+        unet = projected_unet(plain, projections.get(role))
+        state, file_rank = read_lora(path, unet, rank, targets)
+        unets.append(fused_student(unet, state, file_rank, alpha, copy_teacher=False))
+    return tuple(unets)
 
 
 def _pair_boundaries(forward_file, reverse_file, release, given) -> Boundaries:

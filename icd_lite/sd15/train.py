@@ -87,10 +87,13 @@ in through ``train(..., metrics=[fn])`` with ``fn(forward, reverse, boundaries) 
 Output: ``forward-19-259-519-779.safetensors`` / ``reverse-259-519-779-999.safetensors`` (the
 release's layout: peft keys under ``unet.base_model.model.``, fp32, no alpha tensors: alpha is
 8 by convention) plus ``cond_proj.safetensors`` (the reverse student's projection) when it was
-trained, and ``icd_lora.json`` saying how to load them. Pairs distilled from the CFG-distilled
-teacher load straight into ``icd_lite.sd15.load_sd15_pipeline(None, teacher=..., loras=<output>,
-rank=None, lora_alpha=8)`` (tested); pairs with a trained projection load with
-``load_student_unet`` here (the loader takes one teacher for both students).
+trained, and ``icd_lora.json`` saying how to load them. Both kinds load straight into the SD1.5
+loader (tested): pairs distilled from the CFG-distilled teacher with
+``icd_lite.sd15.load_sd15_pipeline(None, teacher=..., loras=<output>, rank=None,
+lora_alpha=8)``, pairs with a trained projection (real-CFG teacher) with
+``load_sd15_pipeline(None, base=<model>, loras=<output>, cond_proj=<output>, rank=None,
+lora_alpha=8)``. ``load_student_unet`` here reads one student onto a teacher in memory with the
+loader's functions.
 """
 
 from __future__ import annotations
@@ -356,34 +359,26 @@ def _guidance_note(students: dict, cond_proj: dict) -> str:
 
 
 def load_student_unet(output, role: str, teacher_unet):
-    """A plain UNet of a trained student: the teacher (for a real-CFG teacher plus a guidance
-    projection: the trained one for the reverse student, zero for the forward) with the LoRA
-    file fused, alpha from icd_lora.json."""
-    from peft import LoraConfig
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
+    """A plain UNet of a trained student, read with the SD1.5 loader's own checks
+    (``loading.read_lora``, ``read_cond_proj``, ``fused_student``): the teacher (for a real-CFG
+    teacher: a copy with a guidance projection, the trained one for the reverse student and zero
+    for the forward) with the LoRA file fused, rank and alpha from ``icd_lora.json``.
+
+    ``load_sd15_pipeline(None, base=MODEL, loras=output, cond_proj=output, rank=None,
+    lora_alpha=...)`` builds the whole pipeline from the same files; this reads one student onto
+    a teacher already in memory (no VAE or text encoder: what the training tests compare)."""
+    from . import loading
 
     output = Path(output)
-    info = json.loads((output / "icd_lora.json").read_text())
+    info = json.loads((output / loading.LORA_INFO_FILE).read_text())
     unet = copy.deepcopy(teacher_unet).float()
     if "cond_proj" in info["files"]:
-        unet = student_from_teacher(unet).unet  # zero-initialised projection
-        cond_proj = load_file(str(output / info["files"]["cond_proj"]))
-        key = f"{role}.time_embedding.cond_proj.weight"
-        if key in cond_proj:
-            unet.time_embedding.cond_proj.weight.data.copy_(cond_proj[key])
-    lora = load_file(str(output / info["files"][role]))
-    if not lora or not all(k.startswith(PREFIX) for k in lora):
-        raise ValueError(f"{info['files'][role]}: not a LoRA file with keys {PREFIX}...")
-    names = {name for name, _ in unet.named_modules()}
-    present = [t for t in info["target_modules"]
-               if any(n == t or n.endswith("." + t) for n in names)]
-    unet.add_adapter(LoraConfig(r=info["lora_rank"], lora_alpha=info["lora_alpha"],
-                                target_modules=present))
-    set_peft_model_state_dict(unet, {k[len(PREFIX):]: v for k, v in lora.items()})
-    unet.fuse_lora()
-    unet.unload_lora()
-    return unet.eval()
+        projections = loading.read_cond_proj(output / info["files"]["cond_proj"],
+                                             loading.cond_proj_shape(unet))
+        unet = loading.projected_unet(unet, projections.get(role))
+    state, rank = loading.read_lora(output / info["files"][role], unet, info["lora_rank"],
+                                    info["target_modules"])
+    return loading.fused_student(unet, state, rank, info["lora_alpha"], copy_teacher=False).eval()
 
 
 def train(accelerator, teacher_unet, source, config: TrainConfig, output, metrics=(),
