@@ -52,6 +52,7 @@ float tolerance. ``--threads`` sets the CPU threads (on the CPU only). ``--n``, 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -285,6 +286,13 @@ def pie_main(argv) -> int:
         items = pie_run.load_items(args.data, args.subset, args.limit)
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
+    # the metric models load after the edits: refuse missing packages before hours of editing
+    if args.image_reward and importlib.util.find_spec("ImageReward") is None:
+        parser.error("--image-reward needs the image-reward package (it does not co-install "
+                     "with this project's diffusers; use a separate environment), or drop it")
+    if not args.no_lpips and importlib.util.find_spec("torchvision") is None:
+        parser.error("PnP's LPIPS needs torchvision (a build matching your torch); install it, "
+                     "or pass --no-lpips to leave that column empty")
     metric_models = {"clip": args.clip, "dino": args.dino, "dinov2": args.dinov2,
                      "image_reward": args.image_reward, "lpips": not args.no_lpips}
     pie_run.run_command(items, args.out, pie_sources(args), editors, device, args.steps,

@@ -133,6 +133,19 @@ def test_command_line_errors_are_one_line(pie_root, options, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_command_line_refuses_missing_metric_packages_before_editing(pie_root, capsys):
+    import importlib.util
+
+    for options, package, message in (
+            (["--image-reward", "--no-lpips"], "ImageReward", "needs the image-reward package"),
+            ([], "torchvision", "pass --no-lpips")):
+        if importlib.util.find_spec(package) is not None:
+            continue  # installed here: nothing to refuse
+        with pytest.raises(SystemExit):
+            bench.main(["pie", "--data", str(pie_root), *options])
+        assert message in capsys.readouterr().err
+
+
 def test_command_line_names_a_folder_without_pie_bench(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bench.main(["pie", "--data", str(tmp_path)])
