@@ -320,6 +320,12 @@ class PromptToPrompt:
         self._check_layers()
         self.step = -1
 
+    @property
+    def step_maps(self) -> list[torch.Tensor]:
+        """The cross-attention maps kept in the current step, one per layer that ran, each
+        averaged over heads: (2B, L, side, side) with L text tokens (read-only; for plots)."""
+        return list(self._maps)
+
     @contextmanager
     def paused(self):
         """Run the network without control (the unconditional pass of CFG)."""

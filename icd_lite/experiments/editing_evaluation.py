@@ -315,8 +315,8 @@ class EditTrace:
 def cross_attention_maps(controller, size) -> torch.Tensor | None:
     """The cross-attention maps the controller kept in this step, [2B, L, h, w]: each layer's
     map (averaged over heads) resized to the latent grid, then averaged over layers, as the
-    local blend computes them. Reads ``PromptToPrompt._maps`` (no public accessor yet)."""
-    maps = controller._maps
+    local blend computes them (``PromptToPrompt.step_maps``)."""
+    maps = controller.step_maps
     if not maps:
         return None
     return torch.stack([F.interpolate(m, size=size, mode="bilinear") for m in maps]).mean(0)
