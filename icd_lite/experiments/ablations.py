@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import toybench
+from .editing_evaluation import wilson_interval
 from .. import metrics
 from ..attention import controlled_steps
 from ..consistency import decode as consistency_decode
@@ -358,10 +359,9 @@ def attention_sweep(pipes: dict[int, ICDPipeline], perception: metrics.ToyPercep
 
 
 def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval (95 % for z = 1.96) of a proportion p measured on n items."""
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
+    """The Wilson score interval (95 % for z = 1.96) of a proportion p measured on n items:
+    ``editing_evaluation.wilson_interval`` given the proportion instead of the count."""
+    return wilson_interval(p * n, n, z)
 
 
 def as_array(rows: list[dict], key: str) -> np.ndarray:
