@@ -60,6 +60,26 @@ def test_a_flat_threshold_curve_at_high_noise_disagrees_with_fig4a():
         "Guidance at the highest noise does the most damage"]
 
 
+def test_guided_encoding_with_the_lowest_latent_nll_disagrees_with_table1():
+    likelier = {**TABLE1, "latent_nll": {**TABLE1["latent_nll"], "CFG": 1.3}}
+    rows = claims(table1=likelier)
+    assert [r["claim"] for r in rows if r["verdict"] == "disagrees"] == [
+        "Unguided encoding gives the latents most likely under N(0, I)"]
+
+
+def test_a_disagreeing_dynamic_cfg_claim_cites_the_flat_top_of_the_threshold_curve():
+    no_recovery = {**PAPER, ("DDIM50", 8.0, 0.8): PAPER[("DDIM50", 8.0, None)] + 0.5}
+    flat = {**paper.FIG4A_MSE, 1.0: paper.FIG4A_MSE[0.8]}
+    by_claim = {r["claim"]: r for r in claims(no_recovery, curve={"mse": flat})}
+    row = by_claim["Guided decoding breaks DDIM inversion; dynamic CFG recovers most of it"]
+    assert row["verdict"] == "disagrees"
+    assert "04_cfg_threshold" in row["why"] and "first half of the claim holds" in row["why"]
+    # the paper's steep top explains nothing: no why is invented
+    row = {r["claim"]: r for r in claims(no_recovery)}[row["claim"]]
+    assert row["verdict"] == "disagrees" and row["why"] == ""
+    assert all(r["why"] == "" for r in claims())  # nothing to explain where all agree
+
+
 def test_a_missing_configuration_or_experiment_is_not_measured_rather_than_wrong():
     rows = [r for r in table2_with(PAPER) if r["method"] != "E"]
     by_claim = {r["claim"]: r for r in inversion_claims(rows)}

@@ -21,6 +21,7 @@ Shared by ``python -m icd_lite.bench inversion`` and notebook 04, so both print 
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from . import paper
 from .claims import check
 
 W_GUIDED, TAU = 8.0, 0.8  # the paper's w = 8 and its dynamic CFG tau (Table 2)
+GAUSSIAN_NLL = 0.5 * math.log(2 * math.pi * math.e)  # latent NLL per dim of an N(0, I) sample
 
 
 @dataclass(frozen=True)
@@ -68,13 +70,17 @@ TABLE2_ROWS = [
 
 def reconstruction_metrics(perception: metrics.ToyPerception, reconstructed: torch.Tensor,
                            real: torch.Tensor) -> dict:
-    """Mean PSNR (with the half-width of its normal 95 % interval over the images), LPIPS-like,
-    DinoV2-like and MSE of a batch of reconstructions."""
-    psnr = metrics.psnr(reconstructed, real).double()  # [B]
-    half = 1.96 * psnr.std().item() / len(psnr) ** 0.5 if len(psnr) > 1 else float("nan")
-    return {"psnr": psnr.mean().item(), "psnr_ci95": half,
-            "lpips_like": perception.lpips_like(reconstructed, real).mean().item(),
-            "dino_like": perception.dino_like(reconstructed, real).mean().item(),
+    """Mean PSNR, LPIPS-like and DinoV2-like (each with the half-width of its normal 95 % interval
+    over the images, ``<name>_ci95``) and MSE of a batch of reconstructions."""
+    def half_width(values: torch.Tensor) -> float:  # values [B]
+        return 1.96 * values.std().item() / len(values) ** 0.5 if len(values) > 1 else float("nan")
+
+    psnr = metrics.psnr(reconstructed, real).double()                          # [B]
+    lpips = perception.lpips_like(reconstructed, real).double()                # [B]
+    dino = perception.dino_like(reconstructed, real).double()                  # [B]
+    return {"psnr": psnr.mean().item(), "psnr_ci95": half_width(psnr),
+            "lpips_like": lpips.mean().item(), "lpips_like_ci95": half_width(lpips),
+            "dino_like": dino.mean().item(), "dino_like_ci95": half_width(dino),
             "mse": metrics.mse(reconstructed, real).mean().item()}
 
 
@@ -127,16 +133,22 @@ def table1(components, images, captions, perception, real_features, steps: int =
 
 def threshold_curve(components, images, captions, thresholds=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
                     w: float = W_GUIDED, steps: int = 50) -> dict:
-    """Fig. 4a: MSE of DDIM50 inversion + decoding with w on only for t / T <= T; the images too
-    (Fig. 4b). The unguided inversion is shared by every T."""
+    """Fig. 4a: MSE of DDIM50 inversion + decoding with w on only for t / T <= T (T = 1000 training
+    steps; the threshold T = 0 is unguided, 1 is constant CFG); the images too (Fig. 4b). The
+    unguided inversion is shared by every threshold.
+
+    The MSE is in the paper's unit, images in [0, 1] (the toy's images live in [-1, 1], whose MSE
+    is 4 times larger): ``mse[T]`` the mean over images, ``mse_per_image[T]`` [n] per image."""
     z0, cond, null = baselines.prepare(components, images, captions)
     model = components.eps_model()
     x_T = baselines.ddim_invert(model, z0, cond, null, steps=steps)
     decoded = {T: components.decode_latents(baselines.ddim_decode(model, x_T, cond, null, w, T,
                                                                    steps))
-               for T in thresholds}
-    return {"mse": {T: metrics.mse(out, images).mean().item() for T, out in decoded.items()},
-            "images": decoded}
+               for T in thresholds}                                       # [n, 3, H, W] each
+    # [n] each; x -> (x + 1) / 2 maps [-1, 1] to [0, 1] and divides squared errors by 4
+    per_image = {T: metrics.mse(out, images).double() / 4 for T, out in decoded.items()}
+    return {"mse": {T: values.mean().item() for T, values in per_image.items()},
+            "mse_per_image": per_image, "images": decoded}
 
 
 def timing(pipe: ICDPipeline, components, images, captions, nti_inner_steps: int = 10,
@@ -226,6 +238,32 @@ def _psnr(table2: list[dict], method: str, w: float = 1.0, tau: float | None = N
     return None
 
 
+def _explain_dynamic_cfg(rows: list[dict], mse: dict, loss_at_w8: float) -> None:
+    """Fill ``why`` of the dynamic-CFG claims of Table 2 when they disagree and the Fig. 4a curve
+    shows why: d.CFG (tau = 0.8) is the curve's threshold T = 0.8 and constant CFG is T = 1, so
+    dynamic CFG can only win back what guidance above t / T = 0.8 costs. Where the curve is no
+    steeper there than below, the damage is done where d.CFG keeps guidance on. ``loss_at_w8``:
+    the teacher's PSNR(w = 1) - PSNR(w = 8), dB."""
+    if any(T not in mse for T in (0.0, 0.6, 0.8, 1.0)):
+        return
+    top, below = mse[1.0] - mse[0.8], mse[0.8] - mse[0.6]
+    if top > below:
+        return
+    why = (f"Fig. 4a analogue (04_cfg_threshold): guidance above t/T = 0.8 changes the toy "
+           f"teacher's MSE by {top:+.3g} (paper {paper.FIG4A_MSE[1.0] - paper.FIG4A_MSE[0.8]:+.3g}), "
+           f"while guidance below it already multiplies the MSE by "
+           f"{mse[0.8] / mse[0.0]:.3g} (MSE(T=0.8) / MSE(T=0)): the damage is done where "
+           f"dynamic CFG keeps guidance on")
+    for row in rows:
+        if row["verdict"] != "disagrees":
+            continue
+        if row["claim"].startswith("Guided decoding breaks DDIM inversion"):
+            row["why"] = why + (f"; the first half of the claim holds: w=8 loses "
+                                f"{loss_at_w8:.3g} dB" if loss_at_w8 > 1 else "")
+        elif row["claim"].startswith("Dynamic CFG also helps the students"):
+            row["why"] = why + " (measured on the teacher; the students were distilled from it)"
+
+
 # Table 1's strategies as the toy names them -> as experiments.paper names them
 TABLE1_NAMES = {"no CFG": "no CFG", "d.CFG tau=.6": "d.CFG .6", "d.CFG tau=.8": "d.CFG .8",
                 "CFG": "CFG"}
@@ -296,9 +334,10 @@ def inversion_claims(table2: list[dict], table1: dict | None = None, curve: dict
         fd = table1["frechet_distance"]
         fd_gap = {f"{d} dec.": fd[d]["CFG"] - fd[d]["no CFG"] for d in fd}
     rows += [
-        rule("Table 1", "Unguided encoding gives the most Gaussian latents",
-             {TABLE1_NAMES[k]: v for k, v in zip(TABLE1_NAMES, paper.TABLE1_LATENT_NLL.values())},
-             nll, "the lowest latent NLL under N(0, I) is the no-CFG encoding's",
+        rule("Table 1", "Unguided encoding gives the latents most likely under N(0, I)",
+             dict(paper.TABLE1_LATENT_NLL), nll,
+             "the lowest latent NLL under N(0, I) is the no-CFG encoding's (the likelihood the "
+             f"paper reports; a Gaussian sample's NLL is log(2 pi e) / 2 = {GAUSSIAN_NLL:.3f})",
              lambda v: min(v, key=v.get) == "no CFG", "04_table1"),
         rule("Table 1", "Guided (constant CFG) encoding harms every decoding",
              {f"{d} dec.": paper.TABLE1_FID[d]["CFG"] - paper.TABLE1_FID[d]["no CFG"]
@@ -319,6 +358,8 @@ def inversion_claims(table2: list[dict], table1: dict | None = None, curve: dict
              "MSE(1.0) - MSE(0.8) > MSE(0.8) - MSE(0.6) (the last 20 % of t adds the most)",
              lambda v: v["T=1.0"] - v["T=0.8"] > v["T=0.8"] - v["T=0.6"], "04_cfg_threshold"),
     ]
+    if curve is not None:
+        _explain_dynamic_cfg(rows, curve["mse"], ddim["DDIM w=1"] - ddim["DDIM w=8"])
     ratios = {"NPI / iCD": nan, "NTI / iCD": nan}
     if timing_rows is not None:
         by_name = {row["method"]: row["time_ratio_to_icd"] for row in timing_rows}
