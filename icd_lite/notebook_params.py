@@ -171,7 +171,8 @@ def main(argv=None) -> int:
             print(f"{name:20s} {', '.join(where)}")
         return 0
     try:
-        message = check(args.params, notebooks if args.command != "section" else None)
+        # section and prepare read files that may hold other notebooks' sections: check all
+        message = check(args.params, notebooks if args.command == "check" else None)
         if not message and args.command == "section":
             import yaml
 

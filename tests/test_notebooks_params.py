@@ -188,3 +188,10 @@ def test_prepare_one_notebook_with_a_file_that_has_sections_for_the_others(tmp_p
     params = write_yaml(tmp_path, f"{first.stem}:\n  {name}: 7\n{last.stem}:\n  device: cpu\n")
     (target,) = notebook_params.prepare(params, tmp_path / "out", [last])
     assert target.name == last.name
+
+
+def test_the_prepare_command_takes_one_notebook_of_a_file_with_every_section(tmp_path):
+    out = tmp_path / "out"
+    assert notebook_params.main(["prepare", str(ROOT / "params" / "ci.yaml"), str(out),
+                                 str(NOTEBOOKS[-1])]) == 0
+    assert [p.name for p in out.iterdir()] == [NOTEBOOKS[-1].name]
