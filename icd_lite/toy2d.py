@@ -122,7 +122,7 @@ class GaussianMixture2D:
 
 
 def default_world(device="cpu", radius: float = 2.0) -> GaussianMixture2D:
-    """Eight tight modes (std 0.25) on a circle of ``radius`` (2 by default) plus one in the
+    r"""Eight tight modes (std 0.25) on a circle of ``radius`` (2 by default) plus one in the
     middle; neighbours belong to different classes (3 classes), so guidance has something to
     push away from.
 
