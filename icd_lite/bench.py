@@ -1,5 +1,5 @@
 """Benchmarks that print figures: ``python -m icd_lite.bench world | inversion | editing | sd15 |
-pie``.
+pie | table2 | table4``.
 
 ``world`` measures the shipped toy world against its quality bars and writes
 ``build/bench/world.json``:
@@ -42,6 +42,15 @@ PIE-Bench at SD1.5 scale and writes PnPInversion's and iCD's metric tables, kept
         [--out DIR] [--editors icd,ddim,npi,nti] [--limit N] [--image-reward] [--no-lpips]
         [--release R | --release none --cond-proj DIR] [--model DIR | --base --teacher --loras]
         [--clip ID --dino ID --dinov2 ID] [--device D]
+
+``table2`` and ``table4`` are the paper's Tables 2 (inversion of COCO images: LPIPS, DINOv2,
+PSNR) and 4 (generation at w = 8 from COCO prompts: FID, CLIP score, ImageReward) at SD1.5
+scale, the paper's numbers beside (``icd_lite.experiments.sd15_tables``)::
+
+    python -m icd_lite.bench table2 --data CSV_OR_FOLDER [--images DIR] [--limit N] [--out DIR]
+        [--fit resize|crop] [--no-lpips] [--dinov2 ID] [source options as pie]
+    python -m icd_lite.bench table4 --prompts CSV --fid-reference NPZ [--limit N] [--out DIR]
+        [--release3 3step|none] [--image-reward] [--clip ID] [source options as pie]
 
 ``--device`` (default auto: CUDA when available, else the CPU) picks where the models run; the
 seeded noise is drawn on the CPU either way, so a seed gives the same samples on both, within
@@ -301,8 +310,168 @@ def pie_main(argv) -> int:
     return 0
 
 
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The SD1.5 model options of ``table2`` / ``table4`` (the same names as ``pie``'s, so
+    ``pie_sources`` reads them)."""
+    from .sd15.loading import RELEASES
+
+    parser.add_argument("--release", choices=[*RELEASES, "none"], default="4step-v1",
+                        help="the LoRA release (default: %(default)s); none: LoRAs you "
+                             "distilled (rank read from the files)")
+    parser.add_argument("--model", help="a folder written by python -m icd_lite.sd15.fabricate")
+    parser.add_argument("--base", help="SD1.5 (hub id or folder)")
+    parser.add_argument("--teacher", help="CFG-distilled teacher (hub id, folder or .pt)")
+    parser.add_argument("--loras", help="LoRA repository or folder")
+    parser.add_argument("--cond-proj", help="for LoRAs distilled with a real-CFG teacher: "
+                        "their cond_proj.safetensors or training output folder")
+    parser.add_argument("--lora-alpha", type=float, default=8.0,
+                        help="the LoRAs' alpha (the release: %(default)s)")
+
+
+def add_table_arguments(parser: argparse.ArgumentParser, out: str) -> None:
+    """Options shared by ``table2`` and ``table4``: size of the run, seed, batch, steps."""
+    from .experiments import sd15_tables as T
+
+    parser.add_argument("--limit", type=int, default=T.LIMIT, metavar="N",
+                        help="the first N items (default: %(default)s, the paper's 5k)")
+    parser.add_argument("--out", type=Path, default=Path(out), metavar="DIR",
+                        help="images, CSVs and the table (default: %(default)s; reruns resume)")
+    parser.add_argument("--seed", type=int, default=T.SEED,
+                        help="item i's noise is seeded SEED + i (default: %(default)s, the "
+                             "authors')")
+    parser.add_argument("--batch", type=int, default=8, metavar="B",
+                        help="images per batch (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=T.BASELINE_STEPS,
+                        help="the DDIM rows' steps (default: %(default)s)")
+    add_source_arguments(parser)
+    add_device_arguments(parser)
+
+
+def table2_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m icd_lite.bench table2``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m icd_lite.bench table2",
+        description="The paper's Table 2 at SD1.5 scale: reconstruction of COCO images by "
+                    "fDDIM50 / DDIM50 and the iCD pair; LPIPS, DINOv2, PSNR "
+                    "(icd_lite.experiments.sd15_tables).")
+    parser.add_argument("--data", type=Path, required=True, metavar="CSV_OR_FOLDER",
+                        help="COCO's layout: a CSV with file_name and caption columns (e.g. the "
+                             "authors' generation_coco.csv), or a folder of images with "
+                             "same-stem .txt captions")
+    parser.add_argument("--images", type=Path, metavar="DIR",
+                        help="the CSV's image folder (default: the CSV's stem beside it)")
+    parser.add_argument("--fit", choices=["resize", "crop"], default="resize",
+                        help="resize: the authors' plain 512x512 resize (default); crop: "
+                             "Resize(512) + CenterCrop(512)")
+    parser.add_argument("--no-lpips", action="store_true",
+                        help="leave LPIPS empty (it needs torchvision)")
+    parser.add_argument("--dinov2", default=None, metavar="ID_OR_DIR",
+                        help="DINOv2 model, hub id or folder (default facebook/dinov2-base)")
+    add_table_arguments(parser, "build/sd15-table2")
+    return parser
+
+
+def table4_parser() -> argparse.ArgumentParser:
+    """The options of ``python -m icd_lite.bench table4``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m icd_lite.bench table4",
+        description="The paper's Table 4 at SD1.5 scale: generation at w = 8 by DDIM50, CD4 "
+                    "(+ d.CFG .8 / .7) and the 3-step release; FID, CLIP score, ImageReward "
+                    "(icd_lite.experiments.sd15_tables).")
+    parser.add_argument("--prompts", type=Path, required=True, metavar="CSV",
+                        help="a CSV with a caption (COCO's layout, the authors' "
+                             "generation_coco.csv) or prompt column, or a text file, one a line")
+    parser.add_argument("--fid-reference", type=Path, required=True, metavar="NPZ",
+                        help="pytorch-fid statistics (mu, sigma), e.g. the authors' "
+                             "fid_stats_mscoco512_val.npz")
+    parser.add_argument("--release3", choices=["3step", "none"], default="3step",
+                        help="the 3-step pair of the CD3 rows, from the same LoRA source "
+                             "(default: %(default)s); none leaves them out")
+    parser.add_argument("--image-reward", action="store_true",
+                        help="score ImageReward too (needs the optional image-reward package)")
+    parser.add_argument("--clip", default=None, metavar="ID_OR_DIR",
+                        help="CLIP model, hub id or folder (default "
+                             "openai/clip-vit-large-patch14)")
+    add_table_arguments(parser, "build/sd15-table4")
+    return parser
+
+
+def check_table_arguments(parser, args) -> torch.device:
+    """One-line errors (exit status 2) for the options both tables share; the device."""
+    for name in ("limit", "batch", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.cond_proj and args.teacher:
+        parser.error("--cond-proj loads LoRAs distilled with a real-CFG teacher onto plain "
+                     "SD1.5: drop --teacher")
+    try:
+        device = resolve_device(args.device)
+        configure_threads(device, args.threads)
+    except ValueError as error:
+        parser.error(str(error))
+    return device
+
+
+def table2_main(argv) -> int:
+    """Parse and check (data, packages) before any model loads, then ``run_table2_command``."""
+    from .experiments import sd15_tables as T
+
+    parser = table2_parser()
+    args = parser.parse_args(argv)
+    device = check_table_arguments(parser, args)
+    try:
+        paths, captions = T.read_pairs(args.data, args.images, args.limit)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    if not args.no_lpips and importlib.util.find_spec("torchvision") is None:
+        parser.error("LPIPS needs torchvision (a build matching your torch); install it, or "
+                     "pass --no-lpips to leave that column empty")
+    T.run_table2_command(paths, captions, args.out, pie_sources(args), device, args.seed,
+                         args.steps, args.batch, args.fit,
+                         {"dinov2": args.dinov2, "lpips": not args.no_lpips})
+    print(f"wrote {args.out}")
+    return 0
+
+
+def table4_main(argv) -> int:
+    """Parse and check (prompts, FID reference, packages) before any model loads, then
+    ``run_table4_command``."""
+    from .experiments import sd15_tables as T
+
+    parser = table4_parser()
+    args = parser.parse_args(argv)
+    device = check_table_arguments(parser, args)
+    release3 = None if args.release3 == "none" else args.release3
+    if release3 and args.release == "none":
+        parser.error("--release none (your LoRAs) has no 3-step release beside it: pass "
+                     "--release3 none")
+    try:
+        prompts = T.read_prompts(args.prompts, args.limit)
+        T.check_fid_reference(args.fid_reference)
+    except ValueError as error:
+        parser.error(str(error))
+    missing = [name for name in ("torchvision", "torch_fidelity")
+               if importlib.util.find_spec(name) is None]
+    if missing:
+        parser.error(f"FID's Inception needs {' and '.join(missing)} (pip install "
+                     f"torch-fidelity, and a torchvision matching your torch)")
+    if args.image_reward and importlib.util.find_spec("ImageReward") is None:
+        parser.error("--image-reward needs the image-reward package (it does not co-install "
+                     "with this project's diffusers; use a separate environment), or drop it")
+    T.run_table4_command(prompts, args.fid_reference, args.out, pie_sources(args), release3,
+                         device, args.seed, args.steps, args.batch,
+                         {"clip": args.clip, "image_reward": args.image_reward})
+    print(f"wrote {args.out}")
+    return 0
+
+
+TABLE_COMMANDS = {"table2": table2_main, "table4": table4_main}
+
+
 def main(argv=None) -> int | None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] and argv[0] in TABLE_COMMANDS:  # the paper's Tables 2 and 4 at SD1.5 scale
+        return TABLE_COMMANDS[argv[0]](argv[1:])
     if argv[:1] == ["sd15"]:  # SD1.5 scale, its own options: python -m icd_lite.sd15.bench
         from .sd15.bench import main as sd15_main
 
@@ -311,10 +480,12 @@ def main(argv=None) -> int | None:
         return pie_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m icd_lite.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("suite", choices=["world", "inversion", "editing", "sd15", "pie"],
+    parser.add_argument("suite", choices=["world", "inversion", "editing", "sd15", "pie",
+                                          "table2", "table4"],
                         help="sd15: seconds and memory per 512x512 edit (python -m "
                              "icd_lite.bench sd15 --help); pie: PIE-Bench tables (python -m "
-                             "icd_lite.bench pie --help)")
+                             "icd_lite.bench pie --help); table2 / table4: the paper's Tables "
+                             "2 and 4 at SD1.5 scale (each with --help)")
     parser.add_argument("--n", type=int, default=None,
                         help="images / prompts per measurement (world: 500, inversion: 200; "
                              "editing: cases per edit type, default all 50)")
@@ -353,4 +524,4 @@ def main(argv=None) -> int | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())  # sd15 and pie return their exit status
+    sys.exit(main())  # sd15, pie, table2 and table4 return their exit status
