@@ -10,4 +10,8 @@ the method, when you want to know how a figure's numbers were made:
 * ``evaluation``         - the inversion experiments: Tables 1, 2, 5, 6 and Fig. 4a (notebook 04)
 * ``toybench``           - ToyBench: PIE-Bench-style edit cases with exact targets, and metrics
 * ``editing_evaluation`` - every editor on ToyBench, edit timing, the trade-off sweep (notebook 05)
+* ``ablations``          - dynamic-guidance and attention-control sweeps (notebook 06)
+* ``report``             - ``make report``: docs/results.md from the figures' CSVs
+* ``pie_bench``, ``pie_run``, ``sd15_tables`` - PIE-Bench, and the paper's tables at SD1.5 scale
+  (``python -m icd_lite.bench pie | table2 | table4``; see docs/sd15.md)
 """

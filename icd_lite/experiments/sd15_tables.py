@@ -56,16 +56,20 @@ import json
 import tempfile
 import time
 import zipfile
+from typing import TYPE_CHECKING
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import pandas as pd
 import torch
+
 from PIL import Image
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:  # pandas comes with the [notebooks] extra: imported where a table is made
+    import pandas as pd
 
 from .. import baselines
 from ..consistency import sample_consistency
@@ -398,6 +402,8 @@ class InversionMetrics:
 def score_reconstructions(out: Path, rows, n: int, metrics: InversionMetrics, release,
                           steps: int, batch_size: int = 16) -> pd.DataFrame:
     """Per image and row: lpips, dino, psnr, mse (reconstruction vs ``images/real``)."""
+    import pandas as pd
+
     from ..sd15 import metrics as M
 
     records = []
@@ -476,6 +482,7 @@ def table2(pipe, images: Sequence, captions: Sequence[str], metrics, out=None,
 
 
 def _table2_frame(rows, per_image, made, m, release, steps) -> pd.DataFrame:
+    import pandas as pd
     records = []
     for row in rows:
         scores = per_image[per_image.row == row.folder(release, steps)]
@@ -586,6 +593,8 @@ def score_generations(out: Path, rows, prompts, metrics: GenerationMetrics, fid_
                       ) -> tuple[pd.DataFrame, dict]:
     """Per image: clip, image_reward; per row: FID of all its images against the reference
     (NaN without a reference or an FID metric)."""
+    import pandas as pd
+
     fid = metrics.fid if fid_reference is not None else None
     if fid is not None:
         fid.load_reference(str(fid_reference))
@@ -651,6 +660,7 @@ def table4(pipe, prompts: Sequence[str], metrics, fid_reference, pipe3=None, out
 
 
 def _table4_frame(rows, per_image, fids, made, releases, steps) -> pd.DataFrame:
+    import pandas as pd
     records = []
     for row in rows:
         scores = per_image[per_image.row == row.folder(releases[row], steps)]
