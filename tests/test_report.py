@@ -45,3 +45,15 @@ def test_a_claims_file_without_the_columns_is_refused(tmp_path):
 def test_check_group_is_validated():
     with pytest.raises(ValueError, match="group must be one of"):
         claims.check("speed", "Table 6", "c", {}, {"x": 1.0}, "r", lambda v: True)
+
+
+def test_the_index_counts_claims_per_table_and_figure(tmp_path):
+    rows = [claims.check("inversion", "Fig. 4a, Table 2 (tau = 0.8)", "c1", {}, {"x": 1.0}, "r",
+                         lambda v: True),
+            claims.check("editing", "Fig. 12", "c2", {}, {"x": 1.0}, "r", lambda v: False)]
+    claims.save_claims(rows, "05_claims", tmp_path)
+    lines = report.render(tmp_path).splitlines()
+    assert "| Fig. 4 | 1 | 1 | 0 | 0 | 05 |" in lines
+    assert "| Table 2 | 1 | 1 | 0 | 0 | 05 |" in lines
+    assert "| Fig. 12 | 1 | 0 | 1 | 0 | 05 |" in lines
+    assert "| Fig. 2 | none yet | | | | |" in lines  # "Fig. 12" does not count as "Fig. 2"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import sys
 from pathlib import Path
 
@@ -24,6 +25,9 @@ ROOT = Path(__file__).resolve().parents[2]
 FIGURES = ROOT / "figures"
 REPORT = ROOT / "docs" / "results.md"
 COMMAND = "make report"
+# The paper's tables and figures the project touches (issue 22), in the paper's order.
+PAPER_ITEMS = ("Table 1", "Table 2", "Table 4", "Table 5", "Table 6", "Fig. 2", "Fig. 3",
+               "Fig. 4", "Fig. 5", "Fig. 7", "Fig. 9", "Fig. 11", "Fig. 12")
 
 
 def read_claims(figures: Path) -> list[dict]:
@@ -78,6 +82,27 @@ def claims_section(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _mentions(source: str, item: str) -> bool:
+    """Whether a claim's source ("Fig. 4a, Table 2 (tau = 0.8)") names ``item`` ("Fig. 4")."""
+    return re.search(re.escape(item) + r"(?![0-9])", source) is not None
+
+
+def index_section(rows: list[dict]) -> list[str]:
+    lines = ["| paper | claims | agree | disagree | not measured | notebooks |",
+             "|---|---|---|---|---|---|"]
+    for item in PAPER_ITEMS:
+        chosen = [row for row in rows if _mentions(row["source"], item)]
+        if not chosen:
+            lines.append(f"| {item} | none yet | | | | |")
+            continue
+        counts = [sum(r["verdict"] == v for r in chosen)
+                  for v in ("agrees", "disagrees", "not measured")]
+        notebooks = ", ".join(sorted({r["notebook"] for r in chosen}))
+        lines.append(f"| {item} | {len(chosen)} | {counts[0]} | {counts[1]} | {counts[2]} | "
+                     f"{notebooks} |")
+    return lines + [""]
+
+
 def figures_section(figures: Path) -> list[str]:
     lines = ["| figure | numbers |", "|---|---|"]
     for png in sorted(figures.glob("*.png")):
@@ -107,6 +132,9 @@ def render(figures: Path = FIGURES) -> str:
         f"In all: {len(rows)} claims, {total['agrees']} agree, {total['disagrees']} disagree, "
         f"{total['not measured']} not measured.",
         "",
+        "## By table and figure of the paper",
+        "",
+        *index_section(rows),
         "## Claims",
         "",
         *claims_section(rows),
