@@ -163,6 +163,8 @@ def distill(components: Components, recipe: Recipe, data: LatentCaptions, steps:
 
     Returns (forward, reverse, history); history holds the losses of every step and the
     ``curve`` measurements (if given) every ``eval_every`` steps, with the training seconds.
+    ``curve(forward, reverse, boundaries) -> dict`` is any measurement hook (``TrainingCurve``,
+    or notebook 03's probe batch); its rows are the ones with a ``seconds`` key.
     """
     config = recipe.icd_config()
     teacher = components.eps_model()  # eps_phi(x, t, cond), the frozen teacher

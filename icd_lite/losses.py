@@ -18,9 +18,15 @@ with one DDIM jump along its own noise prediction, with $\alpha_0 := 1, \sigma_0
 $$f_\theta(x_t, t, s) = \alpha_s \frac{x_t - \sigma_t \epsilon_\theta(x_t, t, s, c, w)}{\alpha_t}
   + \sigma_s \epsilon_\theta(x_t, t, s, c, w)$$
 
-The reverse student $\theta^+$ (CD_m, decoder) maps to $s = \max\{b_i \le t\}$ of the reverse
-boundaries $[0, b_1, \dots, b_{m-1}]$; the forward student $\theta^-$ (fCD_m, encoder) to
-$s = \min\{b_i \ge t\}$ of the forward boundaries $[b_1, \dots, b_{m-1}, 999]$.
+A student at grid time t jumps to the *next* boundary strictly below it (reverse student
+$\theta^+$, CD_m, decoder; reverse boundaries $[0, b_1, \dots, b_{m-1}]$) or strictly above it
+(forward student $\theta^-$, fCD_m, encoder; forward boundaries $[b_1, \dots, b_{m-1}, 999]$):
+$s^+(t) = \max\{b_i < t\}$, $s^-(t) = \min\{b_i > t\}$, so a point on a boundary jumps to the
+next one, never to itself. The losses compute it from the next grid time $t' = t \mp 20$:
+``boundaries.reverse_target(t')`` $= \max\{b_i \le t'\}$ with $t' = t - 20$ and
+``boundaries.forward_target(t')`` $= \min\{b_i \ge t'\}$ with $t' = t + 20$, which on the DDIM
+grid is the same rule; decoding and encoding walk ``Boundaries.decoding_steps()`` /
+``encoding_steps()``, boundary to boundary.
 
 **The distance** is pseudo-Huber, L2-like near 0 and L1-like far away ($c = 10^{-3}$):
 
@@ -58,8 +64,9 @@ The total objective (paper eq. 5), with $\lambda_f = \lambda_r = 1.5$ by default
 $$\mathcal{L} = \mathcal{L}_{CD}^{+} + \mathcal{L}_{CD}^{-} + \lambda_f \mathcal{L}_f
   + \lambda_r \mathcal{L}_r$$
 
-Targets come from the online student under stop-gradient (no EMA, as LCM-LoRA), and are replaced
-by x_t' itself where t' is already the boundary (the boundary condition f(x, s, s) = x).
+Targets come from the online student under stop-gradient (no EMA copy of the weights, as
+LCM-LoRA), and are replaced by x_t' itself where t' is already the boundary (the boundary
+condition f(x, s, s) = x).
 
 Two traps, signposted where they meet the code:
 
@@ -91,7 +98,9 @@ from .solver import ddim_jump
 
 def pseudo_huber(prediction: torch.Tensor, target: torch.Tensor, c: float = 1e-3) -> torch.Tensor:
     r"""$d(a, b) = \operatorname{mean}(\sqrt{(a - b)^2 + c^2} - c)$: L2-like near 0, L1-like far
-    away. prediction, target: any shape, the same one (e.g. [B, C, h, w]); returns a scalar."""
+    away. With the default $c = 10^{-3}$, far below the latent differences of training, it is in
+    effect $\operatorname{mean}|a - b|$. prediction, target: any shape, the same one (e.g.
+    [B, C, h, w]); returns a scalar."""
     if prediction.shape != target.shape:
         raise ValueError(f"shapes differ: {tuple(prediction.shape)} vs {tuple(target.shape)}")
     check_finite("pseudo-Huber c", c, 0, low_open=True, fix="e.g. 1e-3")
