@@ -157,18 +157,23 @@ class Boundaries:
         return len(self.reverse)
 
     def reverse_target(self, t: torch.Tensor) -> torch.Tensor:
-        r"""$s = \max\{b_i \in \text{reverse} : b_i \le t\}$: where CD_m maps a point at time t.
+        r"""$s = \max\{b_i \in \text{reverse} : b_i \le t\}$: the lower end of t's segment.
 
-        t is an int or a tensor of timesteps; s has t's shape (a boundary maps to itself).
+        t is an int or a tensor of timesteps; s has t's shape (a boundary maps to itself). The
+        losses apply it to $t' = t - k$ (one grid step below t), so a student at grid time t is
+        trained to jump to the next boundary *strictly* below t, as decoding does
+        (``decoding_steps``: 259 -> 0).
         """
         edges = torch.tensor(self.reverse, device=torch.as_tensor(t).device)  # [m]
         index = torch.searchsorted(edges, torch.as_tensor(t), right=True) - 1  # t's shape
         return edges[index]
 
     def forward_target(self, t: torch.Tensor) -> torch.Tensor:
-        r"""$s = \min\{b_i \in \text{forward} : b_i \ge t\}$: where fCD_m maps a point at time t.
+        r"""$s = \min\{b_i \in \text{forward} : b_i \ge t\}$: the upper end of t's segment.
 
-        t is an int or a tensor of timesteps; s has t's shape (a boundary maps to itself).
+        t is an int or a tensor of timesteps; s has t's shape (a boundary maps to itself). The
+        losses apply it to $t' = t + k$, so the encoder jumps to the next boundary strictly
+        above t, as encoding does (``encoding_steps``: 259 -> 519).
         """
         edges = torch.tensor(self.forward, device=torch.as_tensor(t).device)  # [m]
         index = torch.searchsorted(edges, torch.as_tensor(t), right=False)    # t's shape
