@@ -7,7 +7,7 @@
 | ``AutoencoderKL`` f = 8    | ``AutoencoderKL`` f = 4: 32x32x3 images <-> 8x8x4 latents       |
 | ``UNet2DConditionModel``   | the same class, 1.7M parameters, cross-attention to the text    |
 
-All sizes were chosen by measurement on a 2-core CPU (see the README's training table).
+All sizes were chosen by measurement on a 2-core CPU (see the training table of docs/world.md).
 """
 
 from __future__ import annotations
