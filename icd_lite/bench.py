@@ -208,7 +208,6 @@ def print_editing(results: dict) -> None:
 def pie_parser() -> argparse.ArgumentParser:
     """The options of ``python -m icd_lite.bench pie``."""
     from .experiments.pie_run import BASELINE_STEPS, EDITORS, NTI_INNER_STEPS
-    from .sd15.loading import RELEASES
 
     parser = argparse.ArgumentParser(
         prog="python -m icd_lite.bench pie",
@@ -235,17 +234,7 @@ def pie_parser() -> argparse.ArgumentParser:
                           ("dino", "facebook/dino-vitb8"), ("dinov2", "facebook/dinov2-base")):
         parser.add_argument(f"--{name}", default=None, metavar="ID_OR_DIR",
                             help=f"metric model, hub id or local folder (default {default})")
-    parser.add_argument("--release", choices=[*RELEASES, "none"], default="4step-v1",
-                        help="the LoRA release; none: LoRAs you distilled (rank read from "
-                             "the files)")
-    parser.add_argument("--model", help="a folder written by python -m icd_lite.sd15.fabricate")
-    parser.add_argument("--base", help="SD1.5 (hub id or folder)")
-    parser.add_argument("--teacher", help="CFG-distilled teacher (hub id, folder or .pt)")
-    parser.add_argument("--loras", help="LoRA repository or folder")
-    parser.add_argument("--cond-proj", help="for LoRAs distilled with a real-CFG teacher: "
-                        "their cond_proj.safetensors or training output folder")
-    parser.add_argument("--lora-alpha", type=float, default=8.0,
-                        help="the LoRAs' alpha (the release: %(default)s)")
+    add_source_arguments(parser)
     parser.add_argument("--steps", type=int, default=BASELINE_STEPS,
                         help="the baselines' DDIM steps (default: %(default)s)")
     parser.add_argument("--nti-inner", type=int, default=NTI_INNER_STEPS,
@@ -311,8 +300,8 @@ def pie_main(argv) -> int:
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """The SD1.5 model options of ``table2`` / ``table4`` (the same names as ``pie``'s, so
-    ``pie_sources`` reads them)."""
+    """The SD1.5 model options of ``pie``, ``table2`` and ``table4`` (``pie_sources`` reads
+    them)."""
     from .sd15.loading import RELEASES
 
     parser.add_argument("--release", choices=[*RELEASES, "none"], default="4step-v1",
