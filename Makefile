@@ -20,7 +20,7 @@ STAMP     := $(VENV)/.icd-lite-installed
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: venv figures report test gpu-check sd15-bench train train-world train-students lock clean
+.PHONY: venv figures report test gpu-check sd15-bench train train-world train-students train-ablations lock clean
 
 venv: $(STAMP)
 
@@ -105,3 +105,14 @@ train-world: $(STAMP)
 # after another on the shipped teacher; resumes if interrupted.
 train-students: $(STAMP)
 	$(PY) -m icd_lite.distill --recipe all --threads 2
+
+# Notebook 06's trained ablations (icd_lite/experiments/ablation_training.py): recipes A, B, C, G
+# continued to 1200 iterations, and the LoRA sweeps of lambda, the guidance set and the boundaries.
+# Two one-thread lanes side by side (about 70 min on 2 CPU cores); resumes if interrupted, skips
+# what is already trained. Needs the shipped students (train-students).
+ABLATIONS := $(PY) -m icd_lite.experiments.ablation_training --threads 1
+train-ablations: $(STAMP)
+	@mkdir -p build
+	$(ABLATIONS) --run lane1 > build/train_ablations_lane1.log 2>&1 & lane1=$$!; \
+	$(ABLATIONS) --run lane0 || exit 1; \
+	wait $$lane1 || { echo "lane 1 failed: see build/train_ablations_lane1.log"; exit 1; }

@@ -64,13 +64,20 @@ class Recipe:
     lambda_r: float = 0.0
     forward_cd: bool = True
     about: str = ""
+    w_code_choices: tuple = (0.0, 7.0, 11.0, 15.0, 19.0)  # w - 1 for the paper's {1, 8, ..., 20}
+    forward_boundaries: tuple | None = None  # e.g. (249, 499, 699, 999); None: default_boundaries
 
     @property
     def boundaries(self) -> Boundaries:
-        return default_boundaries(self.m)
+        if self.forward_boundaries is None:
+            return default_boundaries(self.m)
+        upper = tuple(self.forward_boundaries)
+        if len(upper) != self.m:
+            raise ValueError(f"forward_boundaries {upper} must hold m = {self.m} endpoints")
+        return Boundaries(reverse=(0,) + upper[:-1], forward=upper)
 
-    def icd_config(self, w_code_choices=(0.0, 7.0, 11.0, 15.0, 19.0)) -> ICDConfig:
-        return ICDConfig(self.boundaries, w_code_choices, self.lambda_f,
+    def icd_config(self) -> ICDConfig:
+        return ICDConfig(self.boundaries, self.w_code_choices, self.lambda_f,
                          self.lambda_r, forward_cd=self.forward_cd)
 
 
@@ -158,8 +165,12 @@ def build_students(teacher_unet, lora_rank: int | None = None):
 def distill(components: Components, recipe: Recipe, data: LatentCaptions, steps: int,
             batch: int = 32, lr: float = 1e-4, lora_rank: int | None = None,
             checkpoint: Path | None = None, save_every: int = 100, curve=None,
-            eval_every: int = 100, seed: int = 0):
+            eval_every: int = 100, seed: int = 0, init_pair=None, first_step: int = 0):
     """Train a student pair with ``recipe``; resume from ``checkpoint`` (a path stem) if saved.
+
+    ``init_pair`` = (forward UNet, reverse UNet), e.g. a shipped pair, continues training from
+    those weights at iteration ``first_step`` (fresh AdamW moments): the batches of steps
+    first_step, first_step + 1, ... are those an uninterrupted run would have drawn.
 
     Returns (forward, reverse, history); history holds the losses of every step and the
     ``curve`` measurements (if given) every ``eval_every`` steps, with the training seconds.
@@ -169,15 +180,19 @@ def distill(components: Components, recipe: Recipe, data: LatentCaptions, steps:
     config = recipe.icd_config()
     teacher = components.eps_model()  # eps_phi(x, t, cond), the frozen teacher
     forward, reverse = build_students(components.unet, lora_rank)
+    if init_pair is not None:
+        for student, unet in zip((forward, reverse), init_pair):
+            student.unet.load_state_dict(unet.state_dict())  # float16 on disk -> float32
     optimizers = {"forward": torch.optim.AdamW(trainable_parameters(forward), lr=lr,
                                                weight_decay=0.0),
                   "reverse": torch.optim.AdamW(trainable_parameters(reverse), lr=lr,
                                                weight_decay=0.0)}
     models = {"forward": forward, "reverse": reverse}
-    start, history, seconds_before = _resume(checkpoint, models, optimizers)
+    start, history, seconds_before = _resume(checkpoint, models, optimizers, first_step)
     began = time.time()
-    if curve is not None and start == 0:
-        history.append({"step": 0, "seconds": 0.0, **curve(forward, reverse, config.boundaries)})
+    if curve is not None and not history:
+        history.append({"step": start, "seconds": 0.0,
+                        **curve(forward, reverse, config.boundaries)})
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="iCD")
     for step in bar:
         generator = batch_generator(100 + seed, step)  # re-seeded per step: same batch per recipe
@@ -204,10 +219,10 @@ def _save(stem: Path, models, optimizers, step: int, history, seconds: float) ->
     Path(f"{stem}_history.json").write_text(json.dumps(history))
 
 
-def _resume(stem: Path | None, models, optimizers):
+def _resume(stem: Path | None, models, optimizers, first_step: int = 0):
     """(start step, history, seconds trained so far) from a checkpoint, or a fresh start."""
     if stem is None or not Path(f"{stem}_reverse.safetensors").exists():
-        return 0, [], 0.0
+        return first_step, [], 0.0
     steps = {role: checkpoints.load_state(Path(f"{stem}_{role}.safetensors"), model,
                                           optimizers[role], kind=f"student_{role}")
              for role, model in models.items()}

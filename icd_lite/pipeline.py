@@ -283,7 +283,12 @@ def load_pipeline(recipe_name: str = "G", components: Components | None = None,
     elif device is not None and resolve_device(device) != components.device:
         raise ValueError(f"device {device!r} differs from the components' {components.device}; "
                          f"load the components on that device, or omit device")
-    folder = student_folder(recipe_name)
+    return load_pair(student_folder(recipe_name), components)
+
+
+def load_pair(folder: Path, components: Components) -> ICDPipeline:
+    """A pair saved by ``save_students`` in ``folder`` (checked by the caller), on the device
+    and dtype of ``components``, whose VAE, text encoder, tokenizer and scheduler it shares."""
     with _quiet_loading():
         pipe = ICDPipeline.from_pretrained(folder, vae=components.vae,
                                            text_encoder=components.text_encoder,

@@ -104,7 +104,7 @@ import csv
 import json
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -143,7 +143,8 @@ class TrainConfig:
     gradient_checkpointing: bool = True
 
     def icd_config(self) -> ICDConfig:
-        return get_recipe(self.recipe).icd_config(tuple(self.w_code_choices))
+        recipe = replace(get_recipe(self.recipe), w_code_choices=tuple(self.w_code_choices))
+        return recipe.icd_config()
 
 
 class Teacher(nn.Module):

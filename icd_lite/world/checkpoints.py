@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import subprocess
@@ -112,11 +113,15 @@ def read_manifest(manifest: Path | None = None) -> dict:
 def record(name: str, command: str, manifest: Path | None = None, **extra) -> None:
     """Add (or refresh) the entry of ``WEIGHTS_DIR / name`` in the manifest."""
     manifest = MANIFEST if manifest is None else manifest
-    entries = read_manifest(manifest) if manifest.exists() else {}
     path = manifest.parent / name
-    entries[name] = {"sha256": sha256(path), "bytes": path.stat().st_size, "command": command,
-                     "commit": git_commit(), **extra}
-    manifest.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
+    entry = {"sha256": sha256(path), "bytes": path.stat().st_size, "command": command,
+             "commit": git_commit(), **extra}
+    # Locked: `make train-ablations` runs two trainings that may finish at the same moment.
+    with open(manifest.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        entries = read_manifest(manifest) if manifest.exists() else {}
+        entries[name] = entry
+        manifest.write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
 
 
 def verified_path(name: str, manifest: Path | None = None) -> Path:
