@@ -53,6 +53,7 @@ from .world.train import batch_generator
 CHECKPOINT_DIR = Path("build/train/students")
 TRAIN_SEED, NUM_TRAIN = 0, 20000  # the teacher's training scenes (world/train.py)
 EVAL_SEED = 11  # held-out scenes for the training curves
+DEFAULT_BATCH = 32  # scenes per iteration (the release: 512, experiments.paper.DISTILL_BATCH)
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def build_students(teacher_unet, lora_rank: int | None = None):
 
 
 def distill(components: Components, recipe: Recipe, data: LatentCaptions, steps: int,
-            batch: int = 32, lr: float = 1e-4, lora_rank: int | None = None,
+            batch: int = DEFAULT_BATCH, lr: float = 1e-4, lora_rank: int | None = None,
             checkpoint: Path | None = None, save_every: int = 100, curve=None,
             eval_every: int = 100, seed: int = 0, init_pair=None, first_step: int = 0):
     """Train a student pair with ``recipe``; resume from ``checkpoint`` (a path stem) if saved.
@@ -265,7 +266,7 @@ def main(argv=None) -> None:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", default="G", help=f"one of {', '.join(RECIPES)}, or 'all'")
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--lora-rank", type=int, default=None,
                         help="train LoRA adapters of this rank instead of full copies")

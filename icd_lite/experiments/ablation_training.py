@@ -34,6 +34,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
@@ -44,7 +45,7 @@ from ..device import add_device_arguments, configure_threads, resolve_device
 from ..distill import (EVAL_SEED, NUM_TRAIN, RECIPES, TRAIN_SEED, Recipe, build_students,
                        distill, encode_dataset)
 from ..pipeline import ICDPipeline, load_pair, load_pipeline, save_students
-from ..students import merged_unet
+from ..students import merged_unet, trainable_parameters
 from ..world import checkpoints
 from ..world.scenes import make_dataset
 from .ablations import attributes_correct
@@ -137,18 +138,90 @@ class Probe:
         return self.measure(pipe)
 
     @torch.no_grad()
-    def measure(self, pipe: ICDPipeline) -> dict:
-        row = {}
+    def per_image(self, pipe: ICDPipeline) -> dict:
+        """Per-image tensors [n] of "psnr_w1", "psnr_w8", "psnr_w8_dcfg" (dB), "attributes_right"
+        (0 / 1) and "clip_t" (cosine) of the generated images, and the scalar
+        "frechet_distance" of the generated set."""
+        values = {}
         for key, w, tau in (("psnr_w1", 1.0, None), ("psnr_w8", W_PROBE, None),
                             ("psnr_w8_dcfg", W_PROBE, TAU_PROBE)):
             images = pipe.reconstruct(self.images, self.captions, w=w, tau=tau).images
-            row[key] = metrics.psnr(images, self.images).mean().item()
-        generated = pipe.generate(self.captions, w=W_PROBE, tau=TAU_PROBE, seed=1).images
-        features = self.perception.image_embeddings(generated)
-        row["frechet_distance"] = metrics.frechet_distance(features, self.real_features)
-        row["attributes_right"] = attributes_correct(self.perception, generated,
-                                                     self.scenes).mean().item()
-        return row
+            values[key] = metrics.psnr(images, self.images)                     # [n]
+        return values | self.generation(pipe, W_PROBE, TAU_PROBE)
+
+    @torch.no_grad()
+    def generation(self, pipe: ICDPipeline, w: float, tau: float | None = TAU_PROBE) -> dict:
+        """Images generated from the probe's captions (noise seed 1) at classical ``w`` with
+        dynamic CFG below ``tau``: "attributes_right" [n] (0 / 1), "clip_t" [n] and the scalar
+        "frechet_distance" to the probe's real images."""
+        generated = pipe.generate(self.captions, w=w, tau=tau, seed=1).images    # [n, 3, H, W]
+        features = self.perception.image_embeddings(generated)                    # [n, D]
+        return {"frechet_distance": metrics.frechet_distance(features, self.real_features),
+                "attributes_right": attributes_correct(self.perception, generated, self.scenes),
+                "clip_t": self.perception.clip_t(generated, self.captions)}       # [n]
+
+    def measure(self, pipe: ICDPipeline) -> dict:
+        """The means of ``per_image`` (a row of a run's curve)."""
+        values = self.per_image(pipe)
+        return {key: values[key] if key == "frechet_distance" else values[key].mean().item()
+                for key in CURVE_KEYS}
+
+
+CURVE_KEYS = ("psnr_w1", "psnr_w8", "psnr_w8_dcfg", "frechet_distance", "attributes_right")
+PAIRED_KEYS = ("psnr_w1", "psnr_w8", "psnr_w8_dcfg", "attributes_right", "clip_t")
+
+
+def measure_pairs(pipes: dict, probe: Probe) -> tuple[list[dict], dict]:
+    """``Probe.per_image`` for each named pipeline: (rows, per_item). A row holds "key" (the
+    name), the mean and standard error ("<metric>_se") of every per-image metric and
+    "frechet_distance"; ``per_item[name][metric]`` is the tensor [n], for the paired rules of
+    ``ablations.not_worse`` / ``clearly_better``."""
+    rows, per_item = [], {}
+    for name, pipe in pipes.items():
+        values = probe.per_image(pipe)
+        per_item[name] = values
+        row = {"key": name, "frechet_distance": values["frechet_distance"]}
+        for metric in PAIRED_KEYS:
+            row[metric] = values[metric].double().mean().item()
+            row[f"{metric}_se"] = (values[metric].double().std() / len(values[metric]) ** 0.5
+                                   ).item()
+        rows.append(row)
+    return rows, per_item
+
+
+@torch.no_grad()
+def round_trip_psnr(encoder: ICDPipeline, decoder: ICDPipeline, images: torch.Tensor,
+                    captions: list[str]) -> torch.Tensor:
+    """PSNR [n] (dB) of images [n, 3, H, W] in [-1, 1] encoded by ``encoder``'s forward student
+    and decoded at w = 1 by ``decoder``'s reverse student: an encoder and a decoder with
+    different boundaries (m) meet only at x_999."""
+    noise = encoder.encode(images, captions).latents             # [n, C, h, w] at t = 999
+    decoded = decoder.decode(noise, captions, w=1.0).images      # [n, 3, H, W]
+    return metrics.psnr(decoded, images)
+
+
+TOWARD, AWAY, FLAT = "moves towards the paper", "moves away from the paper", "no clear change"
+
+
+def trend(steps, margin, early_step: int = SHIPPED_STEPS, late_from: int = 800) -> dict:
+    r"""How a claim's margin (positive exactly when the claim holds) moves with the budget.
+
+    ``steps`` [K] are the probe's iterations and ``margin`` [K] the margin there. Returns
+    "early" (the margin at ``early_step``, the shipped pair), "late" (its mean over the steps
+    >= ``late_from``), "noise" $\sigma$ (the standard deviation of the change between
+    successive probes: the curve's own jitter) and "direction": ``TOWARD`` when late - early >
+    $\sigma$, ``AWAY`` when it is below $-\sigma$, ``FLAT`` otherwise. Raises ``ValueError``
+    when the curve has no probe at ``early_step`` or none from ``late_from`` on."""
+    steps, margin = np.asarray(steps), np.asarray(margin, dtype=float)
+    if early_step not in steps or not (steps >= late_from).any():
+        raise ValueError(f"the curve needs a probe at {early_step} and one at >= {late_from}, "
+                         f"got steps {steps.tolist()}; train the run to the end")
+    early = float(margin[steps == early_step][0])
+    late = float(margin[steps >= late_from].mean())
+    noise = float(np.diff(margin).std(ddof=1)) if len(margin) > 2 else float("nan")
+    change = late - early
+    direction = TOWARD if change > noise else AWAY if change < -noise else FLAT
+    return {"early": early, "late": late, "noise": noise, "direction": direction}
 
 
 def _save_adapters(student, path: Path) -> None:
@@ -156,6 +229,9 @@ def _save_adapters(student, path: Path) -> None:
     unet = student.unet
     state = {f"lora.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
     state["time_embedding.cond_proj.weight"] = unet.time_embedding.cond_proj.weight
+    expected = len(trainable_parameters(student))
+    if len(state) != expected:   # every trained tensor, and nothing else, goes to the file
+        raise RuntimeError(f"{len(state)} tensors to save, but the student trains {expected}")
     save_file({k: v.detach().half().contiguous().cpu() for k, v in state.items()}, path)
 
 
@@ -188,7 +264,8 @@ def _ship(run: Run, components: Components, forward, reverse, history, command: 
                            train_minutes=minutes, run=run.name)
     curve = [entry for entry in history if "psnr_w1" in entry]
     (run.folder / "curve.json").write_text(json.dumps(curve, indent=1) + "\n")
-    about = {"name": run.name, "sweep": run.sweep, "value": run.value, "steps": run.steps,
+    about = {"name": run.name, "sweep": run.sweep, "value": run.value,
+             "steps": history[-1]["step"],  # the iterations trained, which is_trained checks
              "lora_rank": run.lora_rank, "lr": run.lr, "continue_from": run.continue_from,
              "train_minutes": minutes, "command": command, "weights_shipped": bool(paths),
              "recipe": asdict(run.recipe)}

@@ -10,6 +10,11 @@ words and as a function of the toy's numbers. The verdict is computed, never typ
 
 ``claims_table`` renders rows as a pandas DataFrame (for the notebook) and ``save_claims`` writes
 them as ``<name>.csv`` next to the figures, where ``docs/results.md`` is generated from.
+
+A later experiment can explain an earlier notebook's disagreement (notebook 06's budget study
+follows notebook 04's): ``save_followups`` writes ``<name>.csv`` with the columns of
+``FOLLOWUP_COLUMNS``, keyed by the earlier notebook and the claim's exact text, and the report
+puts the explanation in that claim's row.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ..figures import figures_dir
 
 GROUPS = ("theory", "generation", "inversion", "editing")
 COLUMNS = ("group", "source", "claim", "paper", "toy", "rule", "verdict", "figure", "why")
+FOLLOWUP_COLUMNS = ("notebook", "claim", "direction", "explanation", "figure")
 
 
 def _number(value) -> str:
@@ -73,6 +79,24 @@ def save_claims(rows: list[dict], name: str, directory: str | Path | None = None
     path = out / f"{name}.csv"
     with open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def save_followups(rows: list[dict], name: str, directory: str | Path | None = None) -> Path:
+    """Write follow-ups of earlier claims to ``<name>.csv`` (name it ``<notebook>_followups``)
+    in the figures folder; each row has the keys of ``FOLLOWUP_COLUMNS``, "notebook" being the
+    two digits of the notebook that made the claim. Raises ``ValueError`` for a missing key."""
+    for row in rows:
+        missing = [c for c in FOLLOWUP_COLUMNS if c not in row]
+        if missing:
+            raise ValueError(f"follow-up {row.get('claim', row)!r} lacks {missing}")
+    out = Path(directory) if directory is not None else figures_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.csv"
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=FOLLOWUP_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return path

@@ -86,3 +86,7 @@ FIG5_BEST_TAU = 0.8
 # section 5): cross- and self-attention injection over these fractions of the decoding steps,
 # reweighting of the changed words, and the local-blend threshold.
 P2P_AUTHORS = {"cross_fraction": 0.3, "self_fraction": 0.6, "amplify": 4.0, "blend_threshold": 0.3}
+# The SD1.5 release's distillation budget (method.md section 4): 6000 iterations at global batch
+# 512, about 36 h on 8 A100. The toy students' budget is in icd_lite.distill (DEFAULT_BATCH).
+DISTILL_ITERATIONS = 6000
+DISTILL_BATCH = 512

@@ -4,7 +4,9 @@
 (each notebook's closing table, written by ``claims.save_claims``) and lists, group by group, each
 claim of the paper the notebooks test: where the paper makes it, its numbers, the toy's numbers,
 the rule, the verdict, the figure that shows it, and for a disagreement the experiment that
-explains it (or "unexplained"). Then every figure, with links to its PNG and CSV.
+explains it (or "unexplained"): the claim's own ``why``, and any follow-up a later notebook wrote
+for it (``figures/*_followups.csv``, ``claims.save_followups``). Then every figure, with links to
+its PNG and CSV.
 
 Nothing here is typed by hand: change a notebook, run ``make figures`` then ``make report``.
 ``--check`` exits with 1 when ``docs/results.md`` differs from what the CSVs give, and a test
@@ -19,7 +21,7 @@ import re
 import sys
 from pathlib import Path
 
-from .claims import COLUMNS, GROUPS
+from .claims import COLUMNS, FOLLOWUP_COLUMNS, GROUPS
 
 ROOT = Path(__file__).resolve().parents[2]
 FIGURES = ROOT / "figures"
@@ -45,6 +47,23 @@ def read_claims(figures: Path) -> list[dict]:
     return rows
 
 
+def read_followups(figures: Path, claims: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """``figures/*_followups.csv`` keyed by (notebook, claim); raises ``ValueError`` for a
+    follow-up whose claim no claims file holds (a renamed claim would lose its explanation)."""
+    known = {(row["notebook"], row["claim"]) for row in claims}
+    followups: dict[tuple[str, str], list[dict]] = {}
+    for path in sorted(figures.glob("*_followups.csv")):
+        with open(path, newline="") as file:
+            for row in csv.DictReader(file):
+                row = {c: row.get(c, "") or "" for c in FOLLOWUP_COLUMNS}
+                key = (row["notebook"], row["claim"])
+                if key not in known:
+                    raise ValueError(f"{path.name}: no claim {row['claim']!r} in notebook "
+                                     f"{row['notebook']}'s claims; fix the follow-up's text")
+                followups.setdefault(key, []).append(row | {"from": path.name.split("_")[0]})
+    return followups
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ").strip()
 
@@ -53,13 +72,17 @@ def _figure_link(name: str) -> str:
     return f"[{name}](../figures/{name}.png)" if name else ""
 
 
-def _why(row: dict) -> str:
+def _why(row: dict, followups: dict) -> str:
     if row["verdict"] != "disagrees":
         return ""
-    return row["why"] or "unexplained"
+    parts = [row["why"]] if row["why"] else []
+    for followup in followups.get((row["notebook"], row["claim"]), []):
+        parts.append(f"{followup['explanation']} ({followup['from']} "
+                     f"{_figure_link(followup['figure'])})")
+    return "; ".join(parts) or "unexplained"
 
 
-def claims_section(rows: list[dict]) -> list[str]:
+def claims_section(rows: list[dict], followups: dict) -> list[str]:
     lines = []
     for group in GROUPS:
         chosen = [row for row in rows if row["group"] == group]
@@ -76,7 +99,7 @@ def claims_section(rows: list[dict]) -> list[str]:
         for row in chosen:
             cells = [row["source"], row["claim"], row["paper"], row["toy"], row["rule"],
                      f"**{row['verdict']}**", f"{row['notebook']} {_figure_link(row['figure'])}",
-                     _why(row)]
+                     _why(row, followups)]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
         lines.append("")
     return lines
@@ -137,7 +160,7 @@ def render(figures: Path = FIGURES) -> str:
         *index_section(rows),
         "## Claims",
         "",
-        *claims_section(rows),
+        *claims_section(rows, read_followups(figures, rows)),
         "## Figures",
         "",
         *figures_section(figures),
