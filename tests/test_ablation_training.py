@@ -140,11 +140,15 @@ def test_trend_directions():
     rising = trained.trend(steps, [-2.0, -1.0, 0.0, 0.2, 0.1])
     assert rising["direction"] == trained.TOWARD and rising["early"] == -2.0
     assert rising["late"] == pytest.approx(0.1)
-    assert rising["noise"] == pytest.approx(np.std([1.0, 1.0, 0.2, -0.1], ddof=1))
+    jitter = np.std([1.0, 1.0, 0.2, -0.1], ddof=1) / np.sqrt(2)
+    assert rising["jitter"] == pytest.approx(jitter)
+    assert rising["threshold"] == pytest.approx(2 * jitter * np.sqrt(1 + 1 / 3))
     assert trained.trend(steps, [2.0, 1.0, 0.0, -0.2, -0.1])["direction"] == trained.AWAY
     assert trained.trend(steps, [0.0, 1.0, -1.0, 1.0, -1.0])["direction"] == trained.FLAT
     with pytest.raises(ValueError, match="needs a probe at 400"):
         trained.trend([0, 100, 200], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="3 in all"):
+        trained.trend([400, 800], [1.0, 2.0])
 
 
 # ----------------------------------------------------------------------------- follow-ups

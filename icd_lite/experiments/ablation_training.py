@@ -203,25 +203,34 @@ def round_trip_psnr(encoder: ICDPipeline, decoder: ICDPipeline, images: torch.Te
 TOWARD, AWAY, FLAT = "moves towards the paper", "moves away from the paper", "no clear change"
 
 
-def trend(steps, margin, early_step: int = SHIPPED_STEPS, late_from: int = 800) -> dict:
+def trend(steps, margin, early_step: int = SHIPPED_STEPS, late_from: int = 800,
+          z: float = 2.0) -> dict:
     r"""How a claim's margin (positive exactly when the claim holds) moves with the budget.
 
     ``steps`` [K] are the probe's iterations and ``margin`` [K] the margin there. Returns
-    "early" (the margin at ``early_step``, the shipped pair), "late" (its mean over the steps
-    >= ``late_from``), "noise" $\sigma$ (the standard deviation of the change between
-    successive probes: the curve's own jitter) and "direction": ``TOWARD`` when late - early >
-    $\sigma$, ``AWAY`` when it is below $-\sigma$, ``FLAT`` otherwise. Raises ``ValueError``
-    when the curve has no probe at ``early_step`` or none from ``late_from`` on."""
+    "early" $d_{400}$ (the margin at ``early_step``, the shipped pair), "late" $\bar d_{late}$
+    (its mean over the k probes at steps >= ``late_from``), "jitter" $s$ and "threshold".
+
+    The jitter treats the probes as a smooth curve plus independent noise of standard deviation
+    $s$: successive differences then have standard deviation $s\sqrt 2$, so
+    $s = \mathrm{sd}(d_{j+1} - d_j)/\sqrt 2$ (a steady trend adds to it, which only makes the
+    rule stricter). $\bar d_{late} - d_{400}$ has standard deviation $s\sqrt{1 + 1/k}$, and the
+    threshold is ``z`` of those. "direction" is ``TOWARD`` when late - early > threshold,
+    ``AWAY`` when it is below -threshold, ``FLAT`` otherwise. Raises ``ValueError`` when the
+    curve has no probe at ``early_step``, none from ``late_from`` on, or fewer than 3 probes."""
     steps, margin = np.asarray(steps), np.asarray(margin, dtype=float)
-    if early_step not in steps or not (steps >= late_from).any():
-        raise ValueError(f"the curve needs a probe at {early_step} and one at >= {late_from}, "
-                         f"got steps {steps.tolist()}; train the run to the end")
+    if early_step not in steps or not (steps >= late_from).any() or len(steps) < 3:
+        raise ValueError(f"the curve needs a probe at {early_step}, one at >= {late_from} and "
+                         f"3 in all, got steps {steps.tolist()}; train the run to the end")
     early = float(margin[steps == early_step][0])
-    late = float(margin[steps >= late_from].mean())
-    noise = float(np.diff(margin).std(ddof=1)) if len(margin) > 2 else float("nan")
+    late_points = margin[steps >= late_from]
+    late = float(late_points.mean())
+    jitter = float(np.diff(margin).std(ddof=1) / np.sqrt(2))
+    threshold = z * jitter * float(np.sqrt(1 + 1 / len(late_points)))
     change = late - early
-    direction = TOWARD if change > noise else AWAY if change < -noise else FLAT
-    return {"early": early, "late": late, "noise": noise, "direction": direction}
+    direction = TOWARD if change > threshold else AWAY if change < -threshold else FLAT
+    return {"early": early, "late": late, "jitter": jitter, "threshold": threshold,
+            "direction": direction}
 
 
 def _save_adapters(student, path: Path) -> None:
