@@ -108,7 +108,7 @@ train-students: $(STAMP)
 
 # Notebook 06's trained ablations (icd_lite/experiments/ablation_training.py): recipes A, B, C, G
 # continued to 1200 iterations, and the LoRA sweeps of lambda, the guidance set and the boundaries.
-# Two one-thread lanes side by side (about 70 min on 2 CPU cores); resumes if interrupted, skips
+# Two one-thread lanes side by side (84 min measured on 2 CPU cores); resumes if interrupted, skips
 # what is already trained. Needs the shipped students (train-students).
 ABLATIONS := $(PY) -m icd_lite.experiments.ablation_training --threads 1
 train-ablations: $(STAMP)
