@@ -9,24 +9,12 @@ import pytest
 import torch
 
 from icd_lite import distill
-from icd_lite.components import load_components
 from icd_lite.experiments import ablation_training as trained
 from icd_lite.experiments import report
 from icd_lite.experiments.claims import COLUMNS, save_followups
 from icd_lite.schedule import Boundaries
 from icd_lite.world import checkpoints
 from icd_lite.world.scenes import make_dataset
-
-
-@pytest.fixture(scope="module")
-def components():
-    return load_components("toy")
-
-
-@pytest.fixture(scope="module")
-def data(components):
-    images, captions, _ = make_dataset(8, seed=9)
-    return distill.encode_dataset(components, images, captions)
 
 
 # ----------------------------------------------------------------------------- the run table

@@ -17,7 +17,6 @@ import pytest
 import torch
 
 from icd_lite import baselines, guidance, load_pipeline, losses, metrics
-from icd_lite import load_components
 from icd_lite.experiments import editing_evaluation, toybench
 from icd_lite.attention import PromptToPrompt
 from icd_lite.checks import ImageRangeWarning, check_finite
@@ -32,11 +31,6 @@ NON_FINITE = [NAN, INF, -INF, np.float32("nan"), np.float64("inf"), torch.tensor
               torch.tensor(-INF)]
 NON_FINITE_IDS = ["nan", "inf", "-inf", "np.float32-nan", "np.float64-inf", "tensor-nan",
                   "tensor--inf"]
-
-
-@pytest.fixture(scope="module")
-def components():
-    return load_components("toy")
 
 
 @pytest.fixture(scope="module")

@@ -5,23 +5,11 @@ import pytest
 import torch
 
 from icd_lite import distill, load_pipeline
-from icd_lite.components import load_components
 from icd_lite.metrics import mse
 from icd_lite.pipeline import ICDPipeline
 from icd_lite.students import add_lora, merged_unet, student_from_teacher
 from icd_lite.world import checkpoints
 from icd_lite.world.scenes import make_dataset
-
-
-@pytest.fixture(scope="module")
-def components():
-    return load_components("toy")
-
-
-@pytest.fixture(scope="module")
-def data(components):
-    images, captions, _ = make_dataset(8, seed=9)
-    return distill.encode_dataset(components, images, captions)
 
 
 def test_encode_dataset_puts_the_null_prompt_first(components, data):

@@ -5,7 +5,6 @@ import torch
 
 from icd_lite.attention import (AlignmentError, PromptToPrompt, attention_control,
                                 changed_words, token_mapping, word_positions)
-from icd_lite.components import load_components
 from icd_lite import load_pipeline
 from icd_lite.editing import P2PSettings, baseline_edit, icd_edit, prompt_switch_edit
 from icd_lite.world.scenes import make_dataset
@@ -14,11 +13,6 @@ SOURCE = "a small red circle on a gray background"
 TARGET = "a small blue circle on a gray background"
 ADDED = "a small red circle and a large blue square on a gray background"
 NO_CONTROL = P2PSettings(cross_fraction=0.0, self_fraction=0.0, amplify=1.0)
-
-
-@pytest.fixture(scope="module")
-def components():
-    return load_components("toy")
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,12 @@ import torch
 from diffusers import DiffusionPipeline
 
 from icd_lite import baselines
-from icd_lite.components import load_components
 from icd_lite.pipeline import ICDPipeline, guidance_schedule
 from icd_lite.schedule import default_boundaries
 from icd_lite.solver import sample_ddim
 from icd_lite.students import student_from_teacher
 from icd_lite.world.scenes import make_dataset
 from icd_lite.world.text import UnknownWordError
-
-
-@pytest.fixture(scope="module")
-def components():
-    return load_components("toy")
 
 
 @pytest.fixture(scope="module")
